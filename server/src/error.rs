@@ -1,0 +1,52 @@
+//! The server's error type, and its one mapping onto gRPC status codes.
+
+use tonic::{Code, Status};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The caller sent something unacceptable; the message says what.
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Unauthenticated(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    /// Whether the database is unreachable (restarting, network) rather than refusing the query.
+    fn is_unavailable(e: &sqlx::Error) -> bool {
+        matches!(
+            e,
+            sqlx::Error::Io(_)
+                | sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::Tls(_)
+        ) || matches!(e, sqlx::Error::Database(d) if d.code().is_some_and(|c| c.starts_with("57P") || c.starts_with("08")))
+    }
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Status {
+        match &e {
+            Error::InvalidArgument(m) => Status::invalid_argument(m.clone()),
+            Error::NotFound(m) => Status::not_found(m.clone()),
+            Error::Unauthenticated(m) => Status::unauthenticated(m.clone()),
+            Error::FailedPrecondition(m) => Status::failed_precondition(m.clone()),
+            Error::Database(db) if Error::is_unavailable(db) => {
+                tracing::warn!(error = %e, "database unavailable");
+                Status::new(Code::Unavailable, "database unavailable, retry later")
+            }
+            Error::Database(_) | Error::Internal(_) => {
+                tracing::error!(error = %e, source = ?std::error::Error::source(&e), "internal error");
+                Status::internal("internal error")
+            }
+        }
+    }
+}

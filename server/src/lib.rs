@@ -1,0 +1,146 @@
+//! The accrete server: scheduler, validator and findings store behind one gRPC listener.
+//!
+//! Layout:
+//! - `service`: the gRPC edge (worker, research and ledger services).
+//! - `scheduler`: the transitioner's rules (validate, fail, or ask for more replicas), pure.
+//! - `store`: every SQL statement; claims, reports and the rescuer as compare-and-set.
+//! - `module_check`: what an uploaded module must be.
+//! - `cli`: the `accrete-server` command line.
+//! - `devdb`: a throwaway PostgreSQL for the demo and for newcomers.
+//!
+//! The server keeps no state of its own beyond caches: any number of processes may serve one
+//! database, and any of them may be killed at any time.
+
+pub mod cli;
+pub mod devdb;
+pub mod error;
+pub mod module_check;
+pub mod scheduler;
+pub mod service;
+pub mod store;
+
+use std::future::Future;
+use std::time::Duration;
+
+use accrete_proto::MAX_MESSAGE_BYTES;
+use accrete_proto::v1::ledger_service_server::LedgerServiceServer;
+use accrete_proto::v1::research_service_server::ResearchServiceServer;
+use accrete_proto::v1::worker_service_server::WorkerServiceServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+pub use error::Error;
+pub use store::Store;
+
+/// Caps and defaults the server applies to what callers send.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_module_bytes: usize,
+    pub max_input_bytes: usize,
+    pub max_fetch_batch: u32,
+    pub max_report_batch: u32,
+    pub idle_retry_ms: u32,
+    pub default_fuel: u64,
+    pub max_fuel: u64,
+    pub default_memory_bytes: u64,
+    pub max_memory_bytes: u64,
+    pub default_output_bytes: u64,
+    pub max_output_bytes: u64,
+    pub default_wall_ms: u64,
+    pub max_wall_ms: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_module_bytes: 32 << 20,
+            max_input_bytes: 1 << 20,
+            max_fetch_batch: 256,
+            max_report_batch: 1024,
+            idle_retry_ms: 500,
+            default_fuel: 10_000_000_000,
+            max_fuel: 1_000_000_000_000,
+            default_memory_bytes: 64 << 20,
+            max_memory_bytes: 1 << 30,
+            default_output_bytes: 64 << 10,
+            max_output_bytes: 1 << 20,
+            default_wall_ms: 60_000,
+            max_wall_ms: 3_600_000,
+        }
+    }
+}
+
+/// How the server runs, beyond where it listens and which database it uses.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub limits: Limits,
+    /// How often the rescuer looks for replicas past their deadline.
+    pub rescue_interval: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            limits: Limits::default(),
+            rescue_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Serves the three services on `listener` until `shutdown` resolves, then drains in-flight
+/// calls and returns. The rescuer runs alongside.
+pub async fn run(
+    store: Store,
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    let api = service::Api::new(store.clone(), config.limits.clone());
+    let (stop_rescuer, rescuer_stopped) = tokio::sync::watch::channel(false);
+    let rescuer = tokio::spawn(rescue_loop(store, config.rescue_interval, rescuer_stopped));
+
+    let result = tonic::transport::Server::builder()
+        .add_service(
+            WorkerServiceServer::new(api.clone())
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            ResearchServiceServer::new(api.clone())
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            LedgerServiceServer::new(api)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await;
+    let _ = stop_rescuer.send(true);
+    let _ = rescuer.await;
+    result.map_err(Into::into)
+}
+
+/// Returns replicas past their deadline to the queue, on an interval. A failing database is
+/// logged and retried at the next tick: volunteers vanish, and so do databases for a while.
+async fn rescue_loop(store: Store, every: Duration, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        loop {
+            match store.rescue_expired(1000).await {
+                Ok(0) => break,
+                Ok(n) => tracing::info!(replicas = n, "timed out replicas reissued"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "rescuer failed; retrying next tick");
+                    break;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,153 @@
+//! Checks an uploaded module before it is stored: valid WebAssembly, a WASI preview 1 command
+//! (exports `_start` and a memory), and imports nothing but the allowed WASI functions.
+
+use wasmparser::{Parser, Payload, TypeRef, Validator, WasmFeatures};
+
+/// The WASI preview 1 functions a guest may import. The sandbox gives stdin and stdout only,
+/// a virtual clock and seeded randomness; file and socket calls find nothing to act on, but
+/// importing sockets is refused outright so a module says plainly that it wants none.
+const ALLOWED_WASI: &[&str] = &[
+    "args_get",
+    "args_sizes_get",
+    "environ_get",
+    "environ_sizes_get",
+    "clock_res_get",
+    "clock_time_get",
+    "fd_advise",
+    "fd_allocate",
+    "fd_close",
+    "fd_datasync",
+    "fd_fdstat_get",
+    "fd_fdstat_set_flags",
+    "fd_fdstat_set_rights",
+    "fd_filestat_get",
+    "fd_filestat_set_size",
+    "fd_filestat_set_times",
+    "fd_pread",
+    "fd_prestat_get",
+    "fd_prestat_dir_name",
+    "fd_pwrite",
+    "fd_read",
+    "fd_readdir",
+    "fd_renumber",
+    "fd_seek",
+    "fd_sync",
+    "fd_tell",
+    "fd_write",
+    "path_create_directory",
+    "path_filestat_get",
+    "path_filestat_set_times",
+    "path_link",
+    "path_open",
+    "path_readlink",
+    "path_remove_directory",
+    "path_rename",
+    "path_symlink",
+    "path_unlink_file",
+    "poll_oneoff",
+    "proc_exit",
+    "proc_raise",
+    "sched_yield",
+    "random_get",
+];
+
+/// Why a module was refused.
+pub fn check(wasm: &[u8]) -> Result<(), String> {
+    if !wasm.starts_with(b"\0asm") {
+        return Err("not a WebAssembly module (bad magic number)".into());
+    }
+    // The deterministic subset: no threads (shared memory), no relaxed SIMD.
+    let features = WasmFeatures::default() & !WasmFeatures::THREADS & !WasmFeatures::RELAXED_SIMD;
+    Validator::new_with_features(features)
+        .validate_all(wasm)
+        .map_err(|e| format!("invalid WebAssembly: {e}"))?;
+    let (mut start, mut memory) = (false, false);
+    for payload in Parser::new(0).parse_all(wasm) {
+        match payload.map_err(|e| format!("invalid WebAssembly: {e}"))? {
+            Payload::Version {
+                encoding: wasmparser::Encoding::Component,
+                ..
+            } => {
+                return Err(
+                    "components are not supported; build a wasm32-wasip1 command module".into(),
+                );
+            }
+            Payload::ImportSection(imports) => {
+                for import in imports.into_imports() {
+                    let import = import.map_err(|e| format!("invalid WebAssembly: {e}"))?;
+                    if import.module != "wasi_snapshot_preview1" {
+                        return Err(format!(
+                            "imports {}::{}; only wasi_snapshot_preview1 is available",
+                            import.module, import.name
+                        ));
+                    }
+                    if !matches!(import.ty, TypeRef::Func(_))
+                        || !ALLOWED_WASI.contains(&import.name)
+                    {
+                        return Err(format!(
+                            "imports wasi_snapshot_preview1::{}, which the sandbox does not allow",
+                            import.name
+                        ));
+                    }
+                }
+            }
+            Payload::ExportSection(exports) => {
+                for export in exports {
+                    let export = export.map_err(|e| format!("invalid WebAssembly: {e}"))?;
+                    match (export.name, export.kind) {
+                        ("_start", wasmparser::ExternalKind::Func) => start = true,
+                        ("memory", wasmparser::ExternalKind::Memory) => memory = true,
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    if !start {
+        return Err("no exported _start function: build a WASI command module".into());
+    }
+    if !memory {
+        return Err("no exported memory".into());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check;
+
+    fn wat(src: &str) -> Vec<u8> {
+        wat::parse_str(src).unwrap()
+    }
+
+    #[test]
+    fn accepts_a_command_module() {
+        let m = wat(r#"(module
+            (import "wasi_snapshot_preview1" "fd_write" (func (param i32 i32 i32 i32) (result i32)))
+            (memory (export "memory") 1)
+            (func (export "_start")))"#);
+        assert_eq!(check(&m), Ok(()));
+    }
+
+    #[test]
+    fn refuses_what_is_not_an_allowed_command_module() {
+        assert!(check(b"hello").unwrap_err().contains("not a WebAssembly"));
+        assert!(
+            check(b"\0asm\x01\0\0\0\x99")
+                .unwrap_err()
+                .contains("invalid")
+        );
+        let env = wat(
+            r#"(module (import "env" "f" (func)) (memory (export "memory") 1) (func (export "_start")))"#,
+        );
+        assert!(check(&env).unwrap_err().contains("env::f"));
+        let sock = wat(
+            r#"(module (import "wasi_snapshot_preview1" "sock_accept" (func (param i32 i32 i32) (result i32)))
+            (memory (export "memory") 1) (func (export "_start")))"#,
+        );
+        assert!(check(&sock).unwrap_err().contains("sock_accept"));
+        let lib = wat(r#"(module (memory (export "memory") 1) (func (export "f")))"#);
+        assert!(check(&lib).unwrap_err().contains("_start"));
+    }
+}

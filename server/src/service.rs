@@ -1,0 +1,530 @@
+//! The gRPC edge: the worker, research and ledger services. Converts proto messages to store
+//! types by hand, checks what callers send, and maps errors to status codes via `Error`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use accrete_proto::v1::{
+    self as pb, ledger_service_server::LedgerService, research_service_server::ResearchService,
+    worker_service_server::WorkerService,
+};
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+use crate::error::Error;
+use crate::scheduler::Policy;
+use crate::store::{self, AckStatus, Bounds, FindingQuery, NewStudy, NewWorker, Outcome, Store};
+use crate::{Limits, module_check};
+
+/// State shared by the three services.
+#[derive(Clone)]
+pub struct Api {
+    store: Store,
+    limits: Limits,
+    /// Verified worker token hashes; the database stays the source of truth.
+    tokens: Arc<Mutex<HashMap<Uuid, [u8; 32]>>>,
+}
+
+impl Api {
+    pub fn new(store: Store, limits: Limits) -> Api {
+        Api {
+            store,
+            limits,
+            tokens: Arc::default(),
+        }
+    }
+
+    /// The worker a request comes from, if its token is right.
+    async fn worker(&self, auth: Option<&pb::WorkerAuth>) -> Result<Uuid, Error> {
+        let auth = auth.ok_or_else(|| Error::Unauthenticated("missing worker auth".into()))?;
+        let id = Uuid::parse_str(&auth.worker_id)
+            .map_err(|_| Error::Unauthenticated("malformed worker id".into()))?;
+        let presented = *blake3::hash(auth.token.as_bytes()).as_bytes();
+        let cached = self.tokens.lock().unwrap().get(&id).copied();
+        let known = match cached {
+            Some(h) => Some(h),
+            None => self
+                .store
+                .worker_token_hash(id)
+                .await?
+                .and_then(|h| <[u8; 32]>::try_from(h.as_slice()).ok()),
+        };
+        match known {
+            Some(h) if h == presented => {
+                self.tokens.lock().unwrap().insert(id, h);
+                Ok(id)
+            }
+            Some(_) => Err(Error::Unauthenticated("wrong worker token".into())),
+            None => Err(Error::Unauthenticated(
+                "unknown worker; register again".into(),
+            )),
+        }
+    }
+}
+
+fn hash32(bytes: &[u8], what: &str) -> Result<[u8; 32], Error> {
+    bytes
+        .try_into()
+        .map_err(|_| Error::InvalidArgument(format!("{what} must be a 32-byte BLAKE3 hash")))
+}
+
+fn id_of(v: u64, what: &str) -> Result<i64, Error> {
+    i64::try_from(v).map_err(|_| Error::InvalidArgument(format!("{what} out of range")))
+}
+
+#[tonic::async_trait]
+impl WorkerService for Api {
+    async fn register(
+        &self,
+        request: Request<pb::RegisterRequest>,
+    ) -> Result<Response<pb::RegisterResponse>, Status> {
+        let r = request.into_inner();
+        let p = r.platform.unwrap_or_default();
+        let clip = |s: &str| s.chars().take(64).collect::<String>();
+        if p.arch.is_empty() || p.os.is_empty() {
+            return Err(Error::InvalidArgument("platform arch and os are required".into()).into());
+        }
+        let id = Uuid::new_v4();
+        let token = format!("{}{}", Uuid::new_v4().simple(), Uuid::new_v4().simple());
+        self.store
+            .register_worker(&NewWorker {
+                id,
+                token_hash: *blake3::hash(token.as_bytes()).as_bytes(),
+                name: clip(&r.name),
+                arch: clip(&p.arch),
+                os: clip(&p.os),
+                cores: p.cores.min(1 << 20) as i32,
+                memory_bytes: p.memory_bytes.min(i64::MAX as u64) as i64,
+                runtime: clip(&p.runtime),
+            })
+            .await?;
+        tracing::info!(worker = %id, arch = %p.arch, os = %p.os, cores = p.cores, "worker registered");
+        Ok(Response::new(pb::RegisterResponse {
+            worker_id: id.to_string(),
+            token,
+        }))
+    }
+
+    async fn fetch_work(
+        &self,
+        request: Request<pb::FetchWorkRequest>,
+    ) -> Result<Response<pb::FetchWorkResponse>, Status> {
+        let r = request.into_inner();
+        let worker = self.worker(r.auth.as_ref()).await?;
+        let max = r.max.clamp(1, self.limits.max_fetch_batch) as i64;
+        let claimed = self.store.claim(worker, max).await?;
+        let assignments: Vec<pb::Assignment> = claimed
+            .into_iter()
+            .map(|c| pb::Assignment {
+                replica_id: c.replica_id as u64,
+                work_unit_id: c.wu_id as u64,
+                random_seed: u64::from_le_bytes(c.input_hash[..8].try_into().unwrap_or_default()),
+                module_hash: c.module_hash,
+                input: c.input,
+                bounds: Some(pb::ResourceBounds {
+                    fuel: c.fuel as u64,
+                    memory_bytes: c.memory_bytes as u64,
+                    output_bytes: c.output_bytes as u64,
+                    wall_ms: c.wall_ms as u64,
+                }),
+                deadline_unix: c.deadline_unix,
+            })
+            .collect();
+        let retry_after_ms = if assignments.is_empty() {
+            self.limits.idle_retry_ms
+        } else {
+            0
+        };
+        Ok(Response::new(pb::FetchWorkResponse {
+            assignments,
+            retry_after_ms,
+        }))
+    }
+
+    async fn report_results(
+        &self,
+        request: Request<pb::ReportResultsRequest>,
+    ) -> Result<Response<pb::ReportResultsResponse>, Status> {
+        let r = request.into_inner();
+        let worker = self.worker(r.auth.as_ref()).await?;
+        if r.results.len() > self.limits.max_report_batch as usize {
+            return Err(Error::InvalidArgument(format!(
+                "at most {} results per report",
+                self.limits.max_report_batch
+            ))
+            .into());
+        }
+        let mut reports = Vec::with_capacity(r.results.len());
+        for res in r.results {
+            let outcome = match res.outcome {
+                Some(pb::replica_result::Outcome::Success(s)) => {
+                    // The server trusts no hash it did not compute.
+                    if s.output_hash != blake3::hash(&s.output).as_bytes() {
+                        return Err(Error::InvalidArgument(format!(
+                            "replica {}: output_hash is not the BLAKE3 of output",
+                            res.replica_id
+                        ))
+                        .into());
+                    }
+                    Outcome::Success {
+                        output: s.output,
+                        fuel_used: s.fuel_used.min(i64::MAX as u64) as i64,
+                    }
+                }
+                Some(pb::replica_result::Outcome::Failure(f)) => Outcome::Error {
+                    kind: error_kind_name(f.kind()).to_string(),
+                    message: f.message,
+                    fuel_used: f.fuel_used.min(i64::MAX as u64) as i64,
+                },
+                Some(pb::replica_result::Outcome::HandBack(_)) => Outcome::HandBack,
+                None => {
+                    return Err(Error::InvalidArgument(format!(
+                        "replica {}: no outcome",
+                        res.replica_id
+                    ))
+                    .into());
+                }
+            };
+            reports.push(store::Report {
+                replica_id: id_of(res.replica_id, "replica_id")?,
+                outcome,
+                wall_micros: res.wall_micros.min(i64::MAX as u64) as i64,
+            });
+        }
+        let acks = self.store.report(worker, &reports).await?;
+        let acks = acks
+            .into_iter()
+            .map(|a| {
+                if a.status == AckStatus::Rejected {
+                    tracing::warn!(%worker, replica = a.replica_id, reason = %a.message, "report rejected");
+                }
+                pb::ReportAck {
+                    replica_id: a.replica_id as u64,
+                    status: match a.status {
+                        AckStatus::Accepted => pb::ReportStatus::Accepted,
+                        AckStatus::Duplicate => pb::ReportStatus::Duplicate,
+                        AckStatus::Rejected => pb::ReportStatus::Rejected,
+                    } as i32,
+                    message: a.message,
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::ReportResultsResponse { acks }))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let worker = self.worker(request.get_ref().auth.as_ref()).await?;
+        self.store.touch_worker(worker).await?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        Ok(Response::new(pb::HeartbeatResponse {
+            server_time_unix: now,
+        }))
+    }
+
+    async fn get_module(
+        &self,
+        request: Request<pb::GetModuleRequest>,
+    ) -> Result<Response<pb::GetModuleResponse>, Status> {
+        let r = request.into_inner();
+        self.worker(r.auth.as_ref()).await?;
+        let hash = hash32(&r.hash, "hash")?;
+        match self.store.module(&hash).await? {
+            Some(wasm) => Ok(Response::new(pb::GetModuleResponse { wasm })),
+            None => Err(Error::NotFound("no module with that hash".into()).into()),
+        }
+    }
+}
+
+/// The stored name of an error kind (also what `accrete status` and failure reasons show).
+fn error_kind_name(kind: pb::ErrorKind) -> &'static str {
+    match kind {
+        pb::ErrorKind::Unspecified | pb::ErrorKind::Trap => "trap",
+        pb::ErrorKind::OutOfFuel => "out_of_fuel",
+        pb::ErrorKind::OutOfMemory => "out_of_memory",
+        pb::ErrorKind::OutputTooLarge => "output_too_large",
+        pb::ErrorKind::BadOutput => "bad_output",
+        pb::ErrorKind::WallTimeout => "wall_timeout",
+        pb::ErrorKind::Module => "module",
+    }
+}
+
+#[tonic::async_trait]
+impl ResearchService for Api {
+    async fn put_module(
+        &self,
+        request: Request<pb::PutModuleRequest>,
+    ) -> Result<Response<pb::PutModuleResponse>, Status> {
+        let r = request.into_inner();
+        if r.wasm.len() > self.limits.max_module_bytes {
+            return Err(Error::InvalidArgument(format!(
+                "module of {} bytes is over the cap of {} bytes",
+                r.wasm.len(),
+                self.limits.max_module_bytes
+            ))
+            .into());
+        }
+        module_check::check(&r.wasm).map_err(Error::InvalidArgument)?;
+        let hash = *blake3::hash(&r.wasm).as_bytes();
+        let name: String = r.name.chars().take(200).collect();
+        let already_present = self.store.put_module(&hash, &r.wasm, &name).await?;
+        Ok(Response::new(pb::PutModuleResponse {
+            hash: hash.to_vec(),
+            already_present,
+        }))
+    }
+
+    async fn submit_study(
+        &self,
+        request: Request<pb::SubmitStudyRequest>,
+    ) -> Result<Response<pb::SubmitStudyResponse>, Status> {
+        let r = request.into_inner();
+        let module_hash = hash32(&r.module_hash, "module_hash")?;
+        if self.store.module(&module_hash).await?.is_none() {
+            return Err(Error::NotFound("no module with that hash; upload it first".into()).into());
+        }
+        if r.work_units.is_empty() {
+            return Err(
+                Error::InvalidArgument("a study needs at least one work unit".into()).into(),
+            );
+        }
+        if r.name.trim().is_empty() {
+            return Err(Error::InvalidArgument("a study needs a name".into()).into());
+        }
+        if let Some(big) = r
+            .work_units
+            .iter()
+            .find(|w| w.input.len() > self.limits.max_input_bytes)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "an input of {} bytes is over the cap of {} bytes",
+                big.input.len(),
+                self.limits.max_input_bytes
+            ))
+            .into());
+        }
+        let p = r.policy.unwrap_or_default();
+        let policy = Policy::with_defaults(
+            p.min_quorum,
+            p.target_nresults,
+            p.max_error_results,
+            p.max_total_results,
+            p.max_success_results,
+            p.delay_bound_secs,
+        )
+        .map_err(Error::InvalidArgument)?;
+        let bounds = self.limits.bounds(r.bounds.unwrap_or_default())?;
+        let (study_id, ids) = self
+            .store
+            .create_study(&NewStudy {
+                name: r.name.chars().take(200).collect(),
+                description: r.description.chars().take(4000).collect(),
+                module_hash,
+                policy,
+                bounds,
+                inputs: r.work_units.into_iter().map(|w| w.input).collect(),
+            })
+            .await?;
+        tracing::info!(study = study_id, work_units = ids.len(), "study submitted");
+        Ok(Response::new(pb::SubmitStudyResponse {
+            study_id: study_id as u64,
+            work_unit_ids: ids.into_iter().map(|i| i as u64).collect(),
+        }))
+    }
+
+    async fn get_status(
+        &self,
+        request: Request<pb::GetStatusRequest>,
+    ) -> Result<Response<pb::GetStatusResponse>, Status> {
+        let study = request.into_inner().study_id;
+        let filter = (study != 0).then(|| id_of(study, "study_id")).transpose()?;
+        let rows = self.store.study_status(filter).await?;
+        if filter.is_some() && rows.is_empty() {
+            return Err(Error::NotFound(format!("no study {study}")).into());
+        }
+        let studies = rows
+            .into_iter()
+            .map(|s| pb::StudyStatus {
+                study_id: s.study_id as u64,
+                name: s.name,
+                module_hash: s.module_hash,
+                cancelled: s.cancelled,
+                work_units: s.work_units as u64,
+                pending: s.pending as u64,
+                validated: s.validated as u64,
+                failed: s.failed as u64,
+                cancelled_units: s.cancelled_units as u64,
+                replicas_in_progress: s.replicas_in_progress as u64,
+                replicas_success: s.replicas_success as u64,
+                replicas_error: s.replicas_error as u64,
+                replicas_timed_out: s.replicas_timed_out as u64,
+                replicas_invalid: s.replicas_invalid as u64,
+                created_unix: s.created_unix,
+            })
+            .collect();
+        let workers_seen_recently = self.store.workers_seen_since(120).await? as u64;
+        Ok(Response::new(pb::GetStatusResponse {
+            studies,
+            workers_seen_recently,
+        }))
+    }
+
+    async fn cancel_study(
+        &self,
+        request: Request<pb::CancelStudyRequest>,
+    ) -> Result<Response<pb::CancelStudyResponse>, Status> {
+        let study = request.into_inner().study_id;
+        match self.store.cancel_study(id_of(study, "study_id")?).await? {
+            Some(n) => Ok(Response::new(pb::CancelStudyResponse {
+                cancelled_units: n,
+            })),
+            None => Err(Error::NotFound(format!("no study {study}")).into()),
+        }
+    }
+}
+
+fn finding_to_pb(f: store::FindingRow, agreeing: Vec<pb::AgreeingReplica>) -> pb::Finding {
+    pb::Finding {
+        id: f.id as u64,
+        study_id: f.study_id as u64,
+        work_unit_id: f.wu_id as u64,
+        module_hash: f.module_hash,
+        input_hash: f.input_hash,
+        output_hash: f.output_hash,
+        metrics_json: f.metrics.to_string(),
+        params_json: f.params.map(|p| p.to_string()).unwrap_or_default(),
+        confidence: f.confidence,
+        agreeing,
+        dissenting: f.dissenting as u32,
+        created_unix: f.created_unix,
+        output: f.output.unwrap_or_default(),
+    }
+}
+
+impl Api {
+    /// Attaches the agreeing replicas to each finding.
+    async fn with_agreeing(&self, rows: Vec<store::FindingRow>) -> Result<Vec<pb::Finding>, Error> {
+        let ids: Vec<i64> = rows.iter().map(|f| f.id).collect();
+        let mut by_finding: HashMap<i64, Vec<pb::AgreeingReplica>> = HashMap::new();
+        for a in self.store.agreeing(&ids).await? {
+            by_finding
+                .entry(a.finding_id)
+                .or_default()
+                .push(pb::AgreeingReplica {
+                    replica_id: a.replica_id as u64,
+                    worker_id: a.worker_id.to_string(),
+                    platform: a.platform,
+                    fuel_used: a.fuel_used as u64,
+                });
+        }
+        Ok(rows
+            .into_iter()
+            .map(|f| {
+                let agreeing = by_finding.remove(&f.id).unwrap_or_default();
+                finding_to_pb(f, agreeing)
+            })
+            .collect())
+    }
+}
+
+#[tonic::async_trait]
+impl LedgerService for Api {
+    async fn list_findings(
+        &self,
+        request: Request<pb::ListFindingsRequest>,
+    ) -> Result<Response<pb::ListFindingsResponse>, Status> {
+        let r = request.into_inner();
+        let study_id = (r.study_id != 0)
+            .then(|| id_of(r.study_id, "study_id"))
+            .transpose()?;
+        if let Some(s) = study_id
+            && !self.store.study_exists(s).await?
+        {
+            return Err(Error::NotFound(format!("no study {s}")).into());
+        }
+        let limit = if r.limit == 0 { 50 } else { r.limit.min(1000) } as i64;
+        let rows = self
+            .store
+            .list_findings(&FindingQuery {
+                study_id,
+                order_by_metric: (!r.order_by_metric.is_empty()).then_some(r.order_by_metric),
+                descending: r.descending,
+                limit,
+            })
+            .await?;
+        Ok(Response::new(pb::ListFindingsResponse {
+            findings: self.with_agreeing(rows).await?,
+        }))
+    }
+
+    async fn get_finding(
+        &self,
+        request: Request<pb::GetFindingRequest>,
+    ) -> Result<Response<pb::Finding>, Status> {
+        let id = request.into_inner().finding_id;
+        let row = self.store.finding(id_of(id, "finding_id")?).await?;
+        let row = row.ok_or_else(|| Error::NotFound(format!("no finding {id}")))?;
+        let mut found = self.with_agreeing(vec![row]).await?;
+        Ok(Response::new(found.remove(0)))
+    }
+
+    async fn list_failures(
+        &self,
+        request: Request<pb::ListFailuresRequest>,
+    ) -> Result<Response<pb::ListFailuresResponse>, Status> {
+        let r = request.into_inner();
+        let study = id_of(r.study_id, "study_id")?;
+        if !self.store.study_exists(study).await? {
+            return Err(Error::NotFound(format!("no study {study}")).into());
+        }
+        let limit = if r.limit == 0 { 50 } else { r.limit.min(1000) } as i64;
+        let failures = self
+            .store
+            .failures(study, limit)
+            .await?
+            .into_iter()
+            .map(|f| pb::WorkUnitFailure {
+                work_unit_id: f.wu_id as u64,
+                reason: f.reason,
+                params_json: f.params.map(|p| p.to_string()).unwrap_or_default(),
+            })
+            .collect();
+        Ok(Response::new(pb::ListFailuresResponse { failures }))
+    }
+}
+
+impl Limits {
+    /// A study's bounds with server defaults for unset fields, refused above the server's caps.
+    fn bounds(&self, b: pb::ResourceBounds) -> Result<Bounds, Error> {
+        let pick = |v: u64, default: u64, cap: u64, what: &str| {
+            let v = if v == 0 { default } else { v };
+            if v > cap {
+                Err(Error::InvalidArgument(format!(
+                    "{what} {v} is over the server's cap of {cap}"
+                )))
+            } else {
+                Ok(v as i64)
+            }
+        };
+        Ok(Bounds {
+            fuel: pick(b.fuel, self.default_fuel, self.max_fuel, "fuel")?,
+            memory_bytes: pick(
+                b.memory_bytes,
+                self.default_memory_bytes,
+                self.max_memory_bytes,
+                "memory_bytes",
+            )?,
+            output_bytes: pick(
+                b.output_bytes,
+                self.default_output_bytes,
+                self.max_output_bytes,
+                "output_bytes",
+            )?,
+            wall_ms: pick(b.wall_ms, self.default_wall_ms, self.max_wall_ms, "wall_ms")?,
+        })
+    }
+}
