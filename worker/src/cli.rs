@@ -1,0 +1,122 @@
+//! The `accrete-worker` command line: parses flags, starts logging, and runs [`crate::run`]
+//! until Ctrl-C or SIGTERM. A library function so tests can start the same binary.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+/// Donate CPU time to accrete research.
+///
+/// The worker asks an accrete scheduler for work, runs each work unit (a WebAssembly module and
+/// its input) and reports the result. Work units run in a sandbox: no filesystem, no network,
+/// no environment variables, no real clock (time is virtual) and no threads. Each one is
+/// limited in fuel (instructions), memory and output size, and stopped by a wall-clock backstop,
+/// so a faulty or hostile module cannot harm this machine or hang the worker; its results are
+/// deterministic, so replicas from different volunteers can be compared bit for bit.
+///
+/// Ctrl-C or SIGTERM stops the worker gracefully: it claims no more work, lets running work
+/// units finish for up to --drain-timeout-secs, and hands the rest back to the scheduler.
+/// Logging level is set with RUST_LOG (default: info).
+#[derive(Debug, Parser)]
+#[command(name = "accrete-worker", version, about, long_about)]
+struct Args {
+    /// URL of the accrete scheduler.
+    #[arg(long, env = "ACCRETE_SERVER", default_value = "http://127.0.0.1:7070")]
+    server: String,
+
+    /// Work units run at once [default: number of CPU cores].
+    #[arg(long, env = "ACCRETE_SLOTS")]
+    slots: Option<usize>,
+
+    /// Name shown to the scheduler's operators [default: host name].
+    #[arg(long, env = "ACCRETE_WORKER_NAME")]
+    name: Option<String>,
+
+    /// Most work units claimed in one request.
+    #[arg(long, default_value_t = 64)]
+    max_batch: usize,
+
+    /// Work units claimed ahead of free slots [default: --slots].
+    #[arg(long)]
+    prefetch: Option<usize>,
+
+    /// On shutdown, seconds running work units may take to finish before they are handed back.
+    #[arg(long, default_value_t = 10)]
+    drain_timeout_secs: u64,
+
+    /// Log as JSON lines instead of human-readable text.
+    #[arg(long)]
+    log_json: bool,
+}
+
+/// Runs the worker with the process's arguments; what `main` of `accrete-worker` calls.
+pub fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tokio::runtime::Runtime::new()?.block_on(work(args))
+}
+
+async fn work(args: Args) -> anyhow::Result<()> {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    if args.log_json {
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init();
+    } else {
+        tracing_subscriber::fmt()
+            .compact()
+            .with_env_filter(filter)
+            .init();
+    }
+
+    let mut config = crate::WorkerConfig::new(args.server);
+    if let Some(slots) = args.slots {
+        config.slots = slots;
+        config.prefetch = slots;
+    }
+    if let Some(prefetch) = args.prefetch {
+        config.prefetch = prefetch;
+    }
+    config.name = args.name;
+    config.max_batch = args.max_batch;
+    config.drain_timeout = Duration::from_secs(args.drain_timeout_secs);
+
+    let summary = crate::run(config, shutdown_signal())
+        .await
+        .context("worker failed")?;
+    println!(
+        "completed {}, failed {}, handed back {}, unreported {}",
+        summary.completed, summary.failed, summary.handed_back, summary.unreported
+    );
+    Ok(())
+}
+
+/// Resolves on Ctrl-C or (on Unix) SIGTERM, the signal service managers stop processes with.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}

@@ -1,0 +1,683 @@
+//! The deterministic WebAssembly sandbox: one shared wasmtime `Engine` and `Linker`, a cache of
+//! compiled modules keyed by BLAKE3 hash, and `run`, which executes one work unit in a fresh
+//! `Store` and classifies how it ended.
+//!
+//! Same module + input + seed ⇒ bit-identical stdout and fuel on every host: NaNs are
+//! canonicalised, threads and relaxed SIMD are off, the clock is virtual (module `virt`), the
+//! randomness is seeded, and fuel (not wall time) is the budget. The guest gets stdin, stdout,
+//! stderr and nothing else: no preopened directories, no environment, no network.
+//!
+//! **Invariant**: whatever a guest does (trap, exhaust memory or fuel, loop, sleep, flood its
+//! output), `run` returns an [`Outcome`]; it never panics on guest behaviour and never blocks
+//! longer than the wall-clock backstop.
+
+mod virt;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use wasmtime::{
+    Config, Engine, InstanceAllocationStrategy, InstancePre, Linker, Module,
+    PoolingAllocationConfig, ResourceLimiter, Store, Trap, UpdateDeadline,
+};
+use wasmtime_wasi::p1::WasiP1Ctx;
+use wasmtime_wasi::p2::pipe::MemoryInputPipe;
+use wasmtime_wasi::{I32Exit, WasiCtxBuilder};
+
+pub use virt::{CLOCK_TICK_NANOS, WALL_CLOCK_ORIGIN};
+use virt::{CappedPipe, HasVirtualTime, OutputOverflow, Overflow, SeededRng, VirtualTime};
+
+/// A module's identity: the BLAKE3 hash of its bytes.
+pub type ModuleHash = [u8; 32];
+
+/// The runtime this sandbox is built on, as reported to the scheduler (e.g. "wasmtime 48.0.8").
+pub const RUNTIME: &str = concat!("wasmtime ", env!("ACCRETE_WASMTIME_VERSION"));
+
+/// How often the background thread advances the engine epoch: the granularity of the wall-clock
+/// backstop and of cancellation.
+const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// Stderr kept for failure messages; the rest is discarded (the guest never notices).
+const STDERR_LIMIT: usize = 4 * 1024;
+
+/// Largest table a guest may have, the same under both instance allocators, so a module
+/// behaves the same whichever one a host ends up with.
+const MAX_TABLE_ELEMENTS: usize = 100_000;
+
+/// Compiled modules kept; the least recently used is dropped beyond this.
+const MODULE_CACHE_ENTRIES: usize = 64;
+
+/// Resource bounds of one run. Every field is enforced deterministically except `wall_ms`, the
+/// backstop for hosts far slower than the fuel budget assumes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Bounds {
+    /// Fuel: roughly one unit per wasm instruction.
+    pub fuel: u64,
+    /// Largest linear memory, in bytes.
+    pub memory_bytes: u64,
+    /// Largest stdout, in bytes.
+    pub output_bytes: u64,
+    /// Wall-clock backstop, in milliseconds.
+    pub wall_ms: u64,
+}
+
+impl Bounds {
+    /// What a worker applies to a bound the scheduler left at zero ("the server default"). The
+    /// scheduler should always send resolved bounds; these only keep a zero from meaning
+    /// "nothing allowed".
+    pub const DEFAULT: Bounds = Bounds {
+        fuel: 10_000_000_000,
+        memory_bytes: 256 << 20,
+        output_bytes: 1 << 20,
+        wall_ms: 600_000,
+    };
+
+    /// Replaces zero fields by [`Bounds::DEFAULT`].
+    pub fn or_default(self) -> Bounds {
+        let pick = |v: u64, d: u64| if v == 0 { d } else { v };
+        let d = Self::DEFAULT;
+        Bounds {
+            fuel: pick(self.fuel, d.fuel),
+            memory_bytes: pick(self.memory_bytes, d.memory_bytes),
+            output_bytes: pick(self.output_bytes, d.output_bytes),
+            wall_ms: pick(self.wall_ms, d.wall_ms),
+        }
+    }
+}
+
+impl Default for Bounds {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+/// Why a run failed; mirrors the proto `ErrorKind` (converted at the gRPC edge).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FailureKind {
+    /// The guest trapped or exited with a non-zero code.
+    Trap,
+    OutOfFuel,
+    /// A memory growth beyond `Bounds::memory_bytes` was refused and the guest then failed.
+    OutOfMemory,
+    OutputTooLarge,
+    /// The guest exited successfully but stdout is not the metrics JSON (`parse_metrics`).
+    BadOutput,
+    /// The wall-clock backstop fired.
+    WallTimeout,
+    /// The module did not compile, link or instantiate here (or has no `_start`).
+    Module,
+}
+
+impl fmt::Display for FailureKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            FailureKind::Trap => "trap",
+            FailureKind::OutOfFuel => "out of fuel",
+            FailureKind::OutOfMemory => "out of memory",
+            FailureKind::OutputTooLarge => "output too large",
+            FailureKind::BadOutput => "bad output",
+            FailureKind::WallTimeout => "wall timeout",
+            FailureKind::Module => "module",
+        })
+    }
+}
+
+/// How one run ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Exit code 0 and stdout satisfies the output contract.
+    Success { output: Vec<u8>, fuel_used: u64 },
+    Failure {
+        kind: FailureKind,
+        message: String,
+        fuel_used: u64,
+    },
+    /// Stopped through a [`Cancel`] before it finished; not a result of the work unit.
+    Cancelled,
+}
+
+impl Outcome {
+    pub fn fuel_used(&self) -> u64 {
+        match self {
+            Outcome::Success { fuel_used, .. } | Outcome::Failure { fuel_used, .. } => *fuel_used,
+            Outcome::Cancelled => 0,
+        }
+    }
+
+    fn failure(kind: FailureKind, message: impl Into<String>, fuel_used: u64) -> Self {
+        Outcome::Failure {
+            kind,
+            message: message.into(),
+            fuel_used,
+        }
+    }
+}
+
+/// Why a module cannot be used.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ModuleError {
+    /// The bytes are not the module that was asked for; nothing was compiled.
+    #[error("module bytes hash to {actual}, not the expected {expected}")]
+    HashMismatch { expected: String, actual: String },
+    #[error("module does not compile: {0}")]
+    Compile(String),
+    /// Compiles but needs imports the sandbox does not provide.
+    #[error("module does not link: {0}")]
+    Link(String),
+}
+
+/// A compiled, linked module, ready to instantiate. Cheap to clone.
+#[derive(Clone)]
+pub struct CompiledModule {
+    hash: ModuleHash,
+    pre: InstancePre<State>,
+}
+
+impl CompiledModule {
+    pub fn hash(&self) -> &ModuleHash {
+        &self.hash
+    }
+}
+
+impl fmt::Debug for CompiledModule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "CompiledModule({})",
+            blake3::Hash::from(self.hash).to_hex()
+        )
+    }
+}
+
+/// A flag that stops a run at its next epoch check (within ~10 ms), e.g. when the worker shuts
+/// down. Cheap to clone; clones share the flag.
+#[derive(Clone, Debug, Default)]
+pub struct Cancel(Arc<AtomicBool>);
+
+impl Cancel {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// How the sandbox is set up.
+#[derive(Clone, Debug)]
+pub struct SandboxConfig {
+    /// Most runs at once (the worker's slots); sizes the pooling allocator.
+    pub max_concurrent_runs: u32,
+    /// Use the pooling instance allocator (instantiation ~3x faster). If the pool cannot be
+    /// reserved (e.g. a virtual-memory ulimit), the sandbox falls back to on-demand allocation.
+    pub pooling: bool,
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        Self {
+            max_concurrent_runs: 4,
+            pooling: true,
+        }
+    }
+}
+
+/// The sandbox: shared by every slot of a worker (it is `Send + Sync`).
+pub struct Sandbox {
+    engine: Engine,
+    linker: Linker<State>,
+    modules: Mutex<ModuleCache>,
+    pooling: bool,
+    _ticker: EpochTicker,
+}
+
+impl Sandbox {
+    pub fn new(config: &SandboxConfig) -> anyhow::Result<Self> {
+        let (engine, pooling) = if config.pooling {
+            match Engine::new(&engine_config(Some(config.max_concurrent_runs))) {
+                Ok(engine) => (engine, true),
+                Err(e) => {
+                    tracing::warn!(error = %e, "pooling allocator unavailable; allocating on demand");
+                    (
+                        Engine::new(&engine_config(None)).map_err(anyhow::Error::from)?,
+                        false,
+                    )
+                }
+            }
+        } else {
+            (
+                Engine::new(&engine_config(None)).map_err(anyhow::Error::from)?,
+                false,
+            )
+        };
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |s: &mut State| &mut s.wasi)
+            .map_err(anyhow::Error::from)?;
+        linker.allow_shadowing(true);
+        linker
+            .func_wrap(
+                "wasi_snapshot_preview1",
+                "poll_oneoff",
+                virt::poll_oneoff::<State>,
+            )
+            .map_err(anyhow::Error::from)?;
+        let ticker = EpochTicker::start(engine.clone());
+        Ok(Self {
+            engine,
+            linker,
+            modules: Mutex::new(ModuleCache::default()),
+            pooling,
+            _ticker: ticker,
+        })
+    }
+
+    /// Whether instances come from the pooling allocator.
+    pub fn is_pooling(&self) -> bool {
+        self.pooling
+    }
+
+    /// The cached module for `hash`: compiled, or known not to compile. `None` if never seen.
+    pub fn module(&self, hash: &ModuleHash) -> Option<Result<CompiledModule, ModuleError>> {
+        self.cache().get(hash)
+    }
+
+    /// Verifies that `wasm` hashes to `hash`, compiles and links it, and caches the result (a
+    /// failure too, so a broken module is not recompiled for each of its work units). Slow
+    /// (milliseconds): call it off the async runtime. A hash mismatch is not cached: it says
+    /// nothing about the module.
+    pub fn compile(&self, hash: ModuleHash, wasm: &[u8]) -> Result<CompiledModule, ModuleError> {
+        if let Some(cached) = self.module(&hash) {
+            return cached;
+        }
+        let actual = blake3::hash(wasm);
+        if *actual.as_bytes() != hash {
+            return Err(ModuleError::HashMismatch {
+                expected: blake3::Hash::from(hash).to_hex().to_string(),
+                actual: actual.to_hex().to_string(),
+            });
+        }
+        // `from_binary`, not `new`: the latter would also accept WAT text.
+        let result = Module::from_binary(&self.engine, wasm)
+            .map_err(|e| ModuleError::Compile(format!("{e:#}")))
+            .and_then(|module| {
+                self.linker
+                    .instantiate_pre(&module)
+                    .map_err(|e| ModuleError::Link(format!("{e:#}")))
+            })
+            .map(|pre| CompiledModule { hash, pre });
+        self.cache().insert(hash, result.clone());
+        result
+    }
+
+    /// Runs `module`'s `_start` with `input` on stdin under `bounds`, with randomness from
+    /// `seed`. Synchronous and CPU-bound: call it from a blocking thread (e.g.
+    /// `tokio::task::spawn_blocking`), never from an async task: WASI host calls block on the
+    /// ambient tokio runtime, which panics inside one.
+    pub fn run(
+        &self,
+        module: &CompiledModule,
+        input: &[u8],
+        bounds: &Bounds,
+        seed: u64,
+    ) -> Outcome {
+        self.run_cancellable(module, input, bounds, seed, &Cancel::new())
+    }
+
+    /// [`Sandbox::run`], stoppable through `cancel` (then it returns [`Outcome::Cancelled`]).
+    pub fn run_cancellable(
+        &self,
+        module: &CompiledModule,
+        input: &[u8],
+        bounds: &Bounds,
+        seed: u64,
+        cancel: &Cancel,
+    ) -> Outcome {
+        let bounds = bounds.or_default();
+        let output_limit = usize::try_from(bounds.output_bytes).unwrap_or(usize::MAX - 1);
+        let stdout = CappedPipe::new(output_limit, Overflow::Trap);
+        let stderr = CappedPipe::new(STDERR_LIMIT, Overflow::Discard);
+        let time = VirtualTime::default();
+        let wasi = WasiCtxBuilder::new()
+            .stdin(MemoryInputPipe::new(input.to_vec()))
+            .stdout(stdout.clone())
+            .stderr(stderr.clone())
+            .args(&["task"])
+            .wall_clock(time.clone())
+            .monotonic_clock(time.clone())
+            .secure_random(SeededRng::new("accrete 2025 guest secure_random v1", seed))
+            .insecure_random(SeededRng::new(
+                "accrete 2025 guest insecure_random v1",
+                seed,
+            ))
+            .insecure_random_seed(u128::from(seed))
+            .allow_ip_name_lookup(false)
+            .allow_tcp(false)
+            .allow_udp(false)
+            .build_p1();
+        let state = State {
+            wasi,
+            time,
+            limiter: Limiter {
+                memory_bytes: usize::try_from(bounds.memory_bytes).unwrap_or(usize::MAX),
+                denied: false,
+            },
+            cancel: cancel.clone(),
+            started: Instant::now(),
+            wall: Duration::from_millis(bounds.wall_ms),
+        };
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.limiter);
+        if store.set_fuel(bounds.fuel).is_err() {
+            return Outcome::failure(FailureKind::Module, "fuel is not enabled", 0);
+        }
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(|ctx| {
+            let state = ctx.data();
+            if state.cancel.is_cancelled() {
+                Err(wasmtime::Error::new(Interruption::Cancelled))
+            } else if state.started.elapsed() >= state.wall {
+                Err(wasmtime::Error::new(Interruption::WallTimeout(state.wall)))
+            } else {
+                Ok(UpdateDeadline::Continue(1))
+            }
+        });
+
+        let result = module
+            .pre
+            .instantiate(&mut store)
+            .map_err(Ended::Instantiate)
+            .and_then(|instance| {
+                let start = instance
+                    .get_typed_func::<(), ()>(&mut store, "_start")
+                    .map_err(Ended::Instantiate)?;
+                start.call(&mut store, ()).map_err(Ended::Call)
+            });
+        let fuel_used = bounds.fuel - store.get_fuel().unwrap_or(0);
+        let limiter = &store.data().limiter;
+        let denied = limiter.denied.then_some(limiter.memory_bytes);
+        drop(store);
+        let (output, overflowed) = stdout.take();
+        let (diagnostics, _) = stderr.take();
+        classify(result, output, overflowed, denied, &diagnostics, fuel_used)
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, ModuleCache> {
+        self.modules.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// How the guest call ended, before classification.
+enum Ended {
+    Instantiate(wasmtime::Error),
+    Call(wasmtime::Error),
+}
+
+/// Why the epoch callback stopped a run.
+#[derive(Debug, thiserror::Error)]
+enum Interruption {
+    #[error("wall-clock backstop of {0:?} reached")]
+    WallTimeout(Duration),
+    #[error("cancelled by the worker")]
+    Cancelled,
+}
+
+/// Decides the outcome. The order matters where several things went wrong: a wall timeout or a
+/// cancellation says nothing about the guest; an output overflow traps at the offending write;
+/// out of fuel is an explicit trap; a refused memory growth explains a trap that followed it.
+fn classify(
+    result: Result<(), Ended>,
+    output: Vec<u8>,
+    overflowed: bool,
+    memory_denied: Option<usize>,
+    stderr: &[u8],
+    fuel_used: u64,
+) -> Outcome {
+    use FailureKind as K;
+    let with_stderr = |message: String| {
+        let stderr = String::from_utf8_lossy(stderr);
+        let stderr = stderr.trim();
+        if stderr.is_empty() {
+            message
+        } else {
+            format!("{message}; stderr: {stderr}")
+        }
+    };
+    let error = match result {
+        Ok(()) => None,
+        Err(Ended::Instantiate(e)) => {
+            if let Some(limit) = memory_denied {
+                let message = format!("initial memory exceeds the limit of {limit} bytes");
+                return Outcome::failure(K::OutOfMemory, message, fuel_used);
+            }
+            if let Some(i) = e.downcast_ref::<Interruption>() {
+                return interrupted(i, fuel_used);
+            }
+            return Outcome::failure(K::Module, format!("instantiation failed: {e:#}"), fuel_used);
+        }
+        Err(Ended::Call(e)) => match e.downcast_ref::<I32Exit>() {
+            Some(I32Exit(0)) => None,
+            _ => Some(e),
+        },
+    };
+    if let Some(e) = error {
+        if let Some(i) = e.downcast_ref::<Interruption>() {
+            return interrupted(i, fuel_used);
+        }
+        if overflowed || e.downcast_ref::<OutputOverflow>().is_some() {
+            return Outcome::failure(K::OutputTooLarge, root_message(&e), fuel_used);
+        }
+        let (kind, message) = match (e.downcast_ref::<Trap>(), e.downcast_ref::<I32Exit>()) {
+            (Some(Trap::OutOfFuel), _) => (K::OutOfFuel, root_message(&e)),
+            // An interrupt we did not ask for (cannot happen: every deadline goes through the
+            // callback); report it as the backstop rather than blame the guest.
+            (Some(Trap::Interrupt), _) => (K::WallTimeout, root_message(&e)),
+            (_, Some(I32Exit(code))) => (K::Trap, format!("guest exited with code {code}")),
+            _ => (K::Trap, root_message(&e)),
+        };
+        let (kind, message) = match (kind, memory_denied) {
+            (K::Trap, Some(limit)) => (
+                K::OutOfMemory,
+                format!("memory growth beyond {limit} bytes was refused, then: {message}"),
+            ),
+            _ => (kind, message),
+        };
+        return Outcome::failure(kind, with_stderr(message), fuel_used);
+    }
+    if overflowed {
+        // A guest that ignored a refused write and exited 0 still produced too much.
+        return Outcome::failure(K::OutputTooLarge, "output exceeds its limit", fuel_used);
+    }
+    match accrete_proto::output::parse_metrics(&output) {
+        Ok(_) => Outcome::Success { output, fuel_used },
+        Err(e) => Outcome::failure(K::BadOutput, with_stderr(e.to_string()), fuel_used),
+    }
+}
+
+fn interrupted(i: &Interruption, fuel_used: u64) -> Outcome {
+    match i {
+        Interruption::Cancelled => Outcome::Cancelled,
+        Interruption::WallTimeout(_) => {
+            Outcome::failure(FailureKind::WallTimeout, i.to_string(), fuel_used)
+        }
+    }
+}
+
+/// The error's own message plus its root cause, without the wasm backtrace wasmtime attaches
+/// as context (long, and not needed to tell failures apart).
+fn root_message(e: &wasmtime::Error) -> String {
+    let root = e.root_cause().to_string();
+    let top = e.to_string();
+    if top == root || top.contains("backtrace") || top.starts_with("error while executing") {
+        root
+    } else {
+        format!("{top}: {root}")
+    }
+}
+
+/// Per-run store data.
+struct State {
+    wasi: WasiP1Ctx,
+    time: VirtualTime,
+    limiter: Limiter,
+    cancel: Cancel,
+    started: Instant,
+    wall: Duration,
+}
+
+impl HasVirtualTime for State {
+    fn virtual_time(&self) -> &VirtualTime {
+        &self.time
+    }
+}
+
+/// The memory limit, remembering whether it refused anything so a later failure can be called
+/// out of memory rather than a generic trap.
+struct Limiter {
+    memory_bytes: usize,
+    denied: bool,
+}
+
+impl ResourceLimiter for Limiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.memory_bytes {
+            self.denied = true;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= MAX_TABLE_ELEMENTS)
+    }
+
+    fn memories(&self) -> usize {
+        1
+    }
+}
+
+fn engine_config(pool_slots: Option<u32>) -> Config {
+    let mut config = Config::new();
+    config
+        .consume_fuel(true)
+        .epoch_interruption(true)
+        .cranelift_nan_canonicalization(true)
+        // Off: everything whose result may differ between hosts or runs.
+        .wasm_threads(false)
+        .shared_memory(false)
+        .wasm_relaxed_simd(false)
+        .relaxed_simd_deterministic(true)
+        // Off: features whose resource use depends on the allocator or collector, so a module
+        // could fit on one host and not on another.
+        .wasm_multi_memory(false)
+        .wasm_memory64(false)
+        .wasm_gc(false)
+        .wasm_component_model(false);
+    if let Some(slots) = pool_slots {
+        // Runs never exceed the slots; the margin covers a run finishing while the next starts.
+        let instances = slots.saturating_mul(2).saturating_add(2);
+        let mut pool = PoolingAllocationConfig::new();
+        pool.total_core_instances(instances)
+            .total_memories(instances)
+            .total_tables(instances)
+            .total_stacks(instances)
+            .total_gc_heaps(0)
+            .total_component_instances(0)
+            .max_memories_per_module(1)
+            .max_tables_per_module(1)
+            .table_elements(MAX_TABLE_ELEMENTS)
+            // 4 GiB, all a 32-bit memory can address, so the pool never caps a work unit's
+            // memory below its own bound: the limiter decides, the same on every host.
+            .max_memory_size(1 << 32);
+        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    }
+    config
+}
+
+/// Advances the engine epoch every [`EPOCH_TICK`] until dropped.
+struct EpochTicker {
+    stop: Option<mpsc::Sender<()>>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl EpochTicker {
+    fn start(engine: Engine) -> Self {
+        let (stop, stopped) = mpsc::channel::<()>();
+        let thread = thread::Builder::new()
+            .name("accrete-epoch".into())
+            .spawn(move || {
+                // Dropping the sender disconnects the channel and ends the loop at once.
+                while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(EPOCH_TICK) {
+                    engine.increment_epoch();
+                }
+            })
+            .expect("spawn the epoch thread");
+        Self {
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for EpochTicker {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Compiled modules by hash, with least-recently-used eviction.
+#[derive(Default)]
+struct ModuleCache {
+    entries: HashMap<ModuleHash, (Result<CompiledModule, ModuleError>, u64)>,
+    clock: u64,
+}
+
+impl ModuleCache {
+    fn get(&mut self, hash: &ModuleHash) -> Option<Result<CompiledModule, ModuleError>> {
+        self.clock += 1;
+        let clock = self.clock;
+        self.entries.get_mut(hash).map(|(m, used)| {
+            *used = clock;
+            m.clone()
+        })
+    }
+
+    fn insert(&mut self, hash: ModuleHash, module: Result<CompiledModule, ModuleError>) {
+        self.clock += 1;
+        self.entries.insert(hash, (module, self.clock));
+        if self.entries.len() > MODULE_CACHE_ENTRIES
+            && let Some(oldest) = self
+                .entries
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(h, _)| *h)
+        {
+            self.entries.remove(&oldest);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

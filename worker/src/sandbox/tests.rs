@@ -1,0 +1,472 @@
+//! Sandbox tests: each failure kind from a small hand-written WAT guest, the virtual clock and
+//! seeded randomness, the absence of a filesystem, and determinism of output and fuel.
+
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use super::*;
+
+fn sandbox() -> &'static Sandbox {
+    static SANDBOX: OnceLock<Sandbox> = OnceLock::new();
+    SANDBOX.get_or_init(|| {
+        Sandbox::new(&SandboxConfig {
+            max_concurrent_runs: 8,
+            pooling: true,
+        })
+        .expect("sandbox")
+    })
+}
+
+/// Compiles a guest whose body is `body`, with helpers to write to stdout/stderr and print a u64
+/// in decimal. Memory: 0..8 iovec, 8 nwritten, 16..40 digits, 48..64 scratch, 64.. `data`.
+fn guest(data: &str, body: &str) -> CompiledModule {
+    let wat = format!(
+        r#"(module
+  (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "proc_exit" (func $proc_exit (param i32)))
+  (import "wasi_snapshot_preview1" "clock_time_get" (func $clock_time_get (param i32 i64 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "random_get" (func $random_get (param i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_prestat_get" (func $fd_prestat_get (param i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "path_open" (func $path_open (param i32 i32 i32 i32 i32 i64 i64 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll_oneoff (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_read" (func $fd_read (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 64) "{data}")
+  (func $write_fd (param $fd i32) (param $ptr i32) (param $len i32)
+    (i32.store (i32.const 0) (local.get $ptr))
+    (i32.store (i32.const 4) (local.get $len))
+    (drop (call $fd_write (local.get $fd) (i32.const 0) (i32.const 1) (i32.const 8))))
+  (func $write (param $ptr i32) (param $len i32)
+    (call $write_fd (i32.const 1) (local.get $ptr) (local.get $len)))
+  (func $write_u64 (param $v i64) (local $p i32)
+    (local.set $p (i32.const 40))
+    (loop $digits
+      (local.set $p (i32.sub (local.get $p) (i32.const 1)))
+      (i64.store8 (local.get $p) (i64.add (i64.const 48) (i64.rem_u (local.get $v) (i64.const 10))))
+      (local.set $v (i64.div_u (local.get $v) (i64.const 10)))
+      (br_if $digits (i64.ne (local.get $v) (i64.const 0))))
+    (call $write (local.get $p) (i32.sub (i32.const 40) (local.get $p))))
+  (func (export "_start") {body}))"#
+    );
+    compile_wat(&wat)
+}
+
+fn compile_wat(wat: &str) -> CompiledModule {
+    let wasm = wat::parse_str(wat).expect("valid WAT");
+    sandbox()
+        .compile(*blake3::hash(&wasm).as_bytes(), &wasm)
+        .expect("compiles")
+}
+
+/// A guest printing `{"metrics":{"a":A,"b":B}}` where A and B are u64 expressions in `body`.
+fn metrics_guest(prelude: &str, a: &str, b: &str) -> CompiledModule {
+    // data: 64..80 `{"metrics":{"a":`, 80..85 `,"b":`, 85..87 `}}`
+    guest(
+        r#"{\"metrics\":{\"a\":,\"b\":}}"#,
+        &format!(
+            "{prelude}
+            (call $write (i32.const 64) (i32.const 16))
+            (call $write_u64 {a})
+            (call $write (i32.const 80) (i32.const 5))
+            (call $write_u64 {b})
+            (call $write (i32.const 85) (i32.const 2))"
+        ),
+    )
+}
+
+fn small() -> Bounds {
+    Bounds {
+        fuel: 10_000_000,
+        memory_bytes: 1 << 20,
+        output_bytes: 4096,
+        wall_ms: 10_000,
+    }
+}
+
+fn failure(outcome: &Outcome) -> (FailureKind, &str) {
+    match outcome {
+        Outcome::Failure { kind, message, .. } => (*kind, message),
+        other => panic!("expected a failure, got {other:?}"),
+    }
+}
+
+fn output(outcome: &Outcome) -> String {
+    match outcome {
+        Outcome::Success { output, .. } => String::from_utf8(output.clone()).unwrap(),
+        other => panic!("expected success, got {other:?}"),
+    }
+}
+
+#[test]
+fn success_with_metrics() {
+    let m = metrics_guest("", "(i64.const 7)", "(i64.const 42)");
+    let outcome = sandbox().run(&m, b"", &small(), 1);
+    assert_eq!(output(&outcome), r#"{"metrics":{"a":7,"b":42}}"#);
+    assert!(outcome.fuel_used() > 0);
+}
+
+#[test]
+fn input_arrives_on_stdin() {
+    // Reads up to 32 bytes of stdin into 48.. and echoes them to stdout.
+    let m = guest(
+        "",
+        "(i32.store (i32.const 0) (i32.const 128)) (i32.store (i32.const 4) (i32.const 32))
+         (drop (call $fd_read (i32.const 0) (i32.const 0) (i32.const 1) (i32.const 8)))
+         (call $write (i32.const 128) (i32.load (i32.const 8)))",
+    );
+    let input = br#"{"metrics":{"echo":1}}"#;
+    let outcome = sandbox().run(&m, input, &small(), 1);
+    assert_eq!(output(&outcome).as_bytes(), input);
+}
+
+#[test]
+fn infinite_loop_runs_out_of_fuel() {
+    let m = guest("", "(loop $forever (br $forever))");
+    let outcome = sandbox().run(&m, b"", &small(), 1);
+    assert_eq!(failure(&outcome).0, FailureKind::OutOfFuel);
+    assert_eq!(outcome.fuel_used(), small().fuel);
+}
+
+#[test]
+fn growing_memory_forever_is_out_of_memory() {
+    let m = guest(
+        "",
+        "(loop $grow
+           (br_if $grow (i32.ne (memory.grow (i32.const 1)) (i32.const -1))))
+         unreachable",
+    );
+    let outcome = sandbox().run(&m, b"", &small(), 1);
+    assert_eq!(failure(&outcome).0, FailureKind::OutOfMemory, "{outcome:?}");
+}
+
+#[test]
+fn initial_memory_above_the_limit_is_out_of_memory() {
+    let m = compile_wat(r#"(module (memory 100) (func (export "_start")))"#);
+    let outcome = sandbox().run(&m, b"", &small(), 1);
+    assert_eq!(failure(&outcome).0, FailureKind::OutOfMemory, "{outcome:?}");
+}
+
+#[test]
+fn flooding_stdout_is_output_too_large() {
+    let m = guest(
+        "0123456789abcdef",
+        "(loop $flood (call $write (i32.const 64) (i32.const 16)) (br $flood))",
+    );
+    let outcome = sandbox().run(&m, b"", &small(), 1);
+    assert_eq!(
+        failure(&outcome).0,
+        FailureKind::OutputTooLarge,
+        "{outcome:?}"
+    );
+    // Stopped at the first write past the limit, long before the fuel ran out.
+    assert!(outcome.fuel_used() < small().fuel / 10);
+}
+
+#[test]
+fn output_exactly_at_the_limit_is_fine() {
+    let json = br#"{"metrics":{"x":1}}"#;
+    let m = guest(
+        r#"{\"metrics\":{\"x\":1}}"#,
+        "(call $write (i32.const 64) (i32.const 19))",
+    );
+    let bounds = Bounds {
+        output_bytes: json.len() as u64,
+        ..small()
+    };
+    assert_eq!(output(&sandbox().run(&m, b"", &bounds, 1)).as_bytes(), json);
+    let bounds = Bounds {
+        output_bytes: json.len() as u64 - 1,
+        ..small()
+    };
+    let outcome = sandbox().run(&m, b"", &bounds, 1);
+    assert_eq!(failure(&outcome).0, FailureKind::OutputTooLarge);
+}
+
+#[test]
+fn flooding_stderr_is_harmless() {
+    let m = guest(
+        r#"{\"metrics\":{\"x\":1}}"#,
+        "(local $i i32)
+         (loop $chatter
+           (call $write_fd (i32.const 2) (i32.const 64) (i32.const 19))
+           (local.set $i (i32.add (local.get $i) (i32.const 1)))
+           (br_if $chatter (i32.lt_u (local.get $i) (i32.const 10000))))
+         (call $write (i32.const 64) (i32.const 19))",
+    );
+    let outcome = sandbox().run(&m, b"", &small(), 1);
+    assert_eq!(output(&outcome), r#"{"metrics":{"x":1}}"#);
+}
+
+#[test]
+fn non_json_output_is_bad_output() {
+    let m = guest("hello", "(call $write (i32.const 64) (i32.const 5))");
+    let outcome = sandbox().run(&m, b"", &small(), 1);
+    let (kind, message) = failure(&outcome);
+    assert_eq!(kind, FailureKind::BadOutput);
+    assert!(message.contains("JSON"), "{message}");
+}
+
+#[test]
+fn unreachable_is_a_trap_with_stderr_in_the_message() {
+    let m = guest(
+        "boom",
+        "(call $write_fd (i32.const 2) (i32.const 64) (i32.const 4)) unreachable",
+    );
+    let outcome = sandbox().run(&m, b"", &small(), 1);
+    let (kind, message) = failure(&outcome);
+    assert_eq!(kind, FailureKind::Trap);
+    assert!(message.contains("unreachable"), "{message}");
+    assert!(message.contains("boom"), "{message}");
+}
+
+#[test]
+fn nonzero_exit_is_a_trap_and_zero_exit_is_success() {
+    let m = guest("", "(call $proc_exit (i32.const 3))");
+    let outcome = sandbox().run(&m, b"", &small(), 1);
+    let (kind, message) = failure(&outcome);
+    assert_eq!(kind, FailureKind::Trap);
+    assert!(message.contains("exited with code 3"), "{message}");
+
+    let m = guest(
+        r#"{\"metrics\":{\"x\":1}}"#,
+        "(call $write (i32.const 64) (i32.const 19)) (call $proc_exit (i32.const 0))",
+    );
+    assert_eq!(
+        output(&sandbox().run(&m, b"", &small(), 1)),
+        r#"{"metrics":{"x":1}}"#
+    );
+}
+
+#[test]
+fn wall_clock_backstop_stops_a_loop_with_endless_fuel() {
+    let m = guest("", "(loop $forever (br $forever))");
+    let bounds = Bounds {
+        fuel: u64::MAX / 2,
+        wall_ms: 30,
+        ..small()
+    };
+    let started = Instant::now();
+    let outcome = sandbox().run(&m, b"", &bounds, 1);
+    assert_eq!(failure(&outcome).0, FailureKind::WallTimeout, "{outcome:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn cancel_stops_a_run() {
+    let m = guest("", "(loop $forever (br $forever))");
+    let bounds = Bounds {
+        fuel: u64::MAX / 2,
+        ..small()
+    };
+    let cancel = Cancel::new();
+    let started = Instant::now();
+    let outcome = std::thread::scope(|s| {
+        let run = s.spawn(|| sandbox().run_cancellable(&m, b"", &bounds, 1, &cancel));
+        std::thread::sleep(Duration::from_millis(30));
+        cancel.cancel();
+        run.join().unwrap()
+    });
+    assert_eq!(outcome, Outcome::Cancelled);
+    assert!(started.elapsed() < Duration::from_secs(2));
+}
+
+/// Prints realtime and monotonic clock readings.
+fn clock_guest() -> CompiledModule {
+    metrics_guest(
+        "(drop (call $clock_time_get (i32.const 0) (i64.const 1) (i32.const 48)))
+         (drop (call $clock_time_get (i32.const 1) (i64.const 1) (i32.const 56)))",
+        "(i64.load (i32.const 48))",
+        "(i64.load (i32.const 56))",
+    )
+}
+
+#[test]
+fn clocks_are_virtual_and_identical_across_runs() {
+    let m = clock_guest();
+    let first = output(&sandbox().run(&m, b"", &small(), 1));
+    std::thread::sleep(Duration::from_millis(5));
+    let second = output(&sandbox().run(&m, b"", &small(), 2));
+    assert_eq!(first, second);
+    let wall = WALL_CLOCK_ORIGIN.as_nanos() as u64 + CLOCK_TICK_NANOS;
+    let mono = 2 * CLOCK_TICK_NANOS;
+    assert_eq!(first, format!(r#"{{"metrics":{{"a":{wall},"b":{mono}}}}}"#));
+}
+
+#[test]
+fn sleeping_advances_virtual_time_without_waiting() {
+    // One relative monotonic-clock subscription of an hour at 128, event out at 192.
+    let hour: u64 = 3600 * 1_000_000_000;
+    let m = metrics_guest(
+        &format!(
+            "(i64.store (i32.const 128) (i64.const 99))
+             (i32.store8 (i32.const 136) (i32.const 0))
+             (i32.store (i32.const 144) (i32.const 1))
+             (i64.store (i32.const 152) (i64.const {hour}))
+             (i64.store (i32.const 160) (i64.const 0))
+             (i32.store16 (i32.const 168) (i32.const 0))
+             (drop (call $poll_oneoff (i32.const 128) (i32.const 192) (i32.const 1) (i32.const 48)))
+             (drop (call $clock_time_get (i32.const 1) (i64.const 1) (i32.const 56)))"
+        ),
+        "(i64.add (i64.load (i32.const 192)) (i64.extend_i32_u (i32.load (i32.const 48))))",
+        "(i64.load (i32.const 56))",
+    );
+    let started = Instant::now();
+    let text = output(&sandbox().run(&m, b"", &small(), 1));
+    assert!(started.elapsed() < Duration::from_secs(1));
+    // userdata 99 + one event; the clock reads an hour plus one tick.
+    let after = hour + CLOCK_TICK_NANOS;
+    assert_eq!(text, format!(r#"{{"metrics":{{"a":100,"b":{after}}}}}"#));
+}
+
+/// Prints two u64s from `random_get`.
+fn random_guest() -> CompiledModule {
+    metrics_guest(
+        "(drop (call $random_get (i32.const 48) (i32.const 16)))",
+        "(i64.load (i32.const 48))",
+        "(i64.load (i32.const 56))",
+    )
+}
+
+#[test]
+fn randomness_follows_the_seed() {
+    let m = random_guest();
+    let a = output(&sandbox().run(&m, b"", &small(), 7));
+    let b = output(&sandbox().run(&m, b"", &small(), 7));
+    let c = output(&sandbox().run(&m, b"", &small(), 8));
+    assert_eq!(a, b);
+    assert_ne!(a, c);
+}
+
+#[test]
+fn there_is_no_filesystem() {
+    // fd 3 would be the first preopen; path_open on it must fail too. Both return EBADF (8).
+    let m = metrics_guest(
+        "(i32.store (i32.const 48) (call $fd_prestat_get (i32.const 3) (i32.const 96)))
+         (i32.store (i32.const 56) (call $path_open (i32.const 3) (i32.const 0) (i32.const 64)
+            (i32.const 1) (i32.const 0) (i64.const 2) (i64.const 0) (i32.const 0) (i32.const 96)))",
+        "(i64.load32_u (i32.const 48))",
+        "(i64.load32_u (i32.const 56))",
+    );
+    assert_eq!(
+        output(&sandbox().run(&m, b"", &small(), 1)),
+        r#"{"metrics":{"a":8,"b":8}}"#
+    );
+}
+
+#[test]
+fn same_run_twice_gives_same_bytes_and_fuel() {
+    // Some arithmetic, a float NaN's bits, the clock and randomness, all in one output.
+    let m = metrics_guest(
+        "(local $i i64) (local $acc i64)
+         (loop $l
+           (local.set $acc (i64.add (i64.mul (local.get $acc) (i64.const 31)) (local.get $i)))
+           (local.set $i (i64.add (local.get $i) (i64.const 1)))
+           (br_if $l (i64.lt_u (local.get $i) (i64.const 10000))))
+         (drop (call $random_get (i32.const 48) (i32.const 8)))
+         (i64.store (i32.const 56)
+           (i64.xor (i64.reinterpret_f64 (f64.div (f64.const 0) (f64.const 0)))
+                    (local.get $acc)))",
+        "(i64.load (i32.const 48))",
+        "(i64.load (i32.const 56))",
+    );
+    let first = sandbox().run(&m, b"", &small(), 5);
+    let second = sandbox().run(&m, b"", &small(), 5);
+    assert!(matches!(first, Outcome::Success { .. }), "{first:?}");
+    assert_eq!(first, second);
+}
+
+#[test]
+fn nan_is_canonical() {
+    let m = metrics_guest(
+        "",
+        "(i64.reinterpret_f64 (f64.div (f64.const 0) (f64.const 0)))",
+        "(i64.extend_i32_u (i32.reinterpret_f32 (f32.sqrt (f32.const -1))))",
+    );
+    let canonical_f64 = 0x7ff8_0000_0000_0000u64;
+    let canonical_f32 = 0x7fc0_0000u64;
+    assert_eq!(
+        output(&sandbox().run(&m, b"", &small(), 1)),
+        format!(r#"{{"metrics":{{"a":{canonical_f64},"b":{canonical_f32}}}}}"#)
+    );
+}
+
+#[test]
+fn bytes_that_do_not_match_the_hash_are_refused() {
+    let wasm = wat::parse_str(r#"(module (func (export "_start")))"#).unwrap();
+    let wrong = *blake3::hash(b"something else").as_bytes();
+    let err = sandbox().compile(wrong, &wasm).unwrap_err();
+    assert!(matches!(err, ModuleError::HashMismatch { .. }), "{err}");
+    assert!(
+        sandbox().module(&wrong).is_none(),
+        "a mismatch must not be cached"
+    );
+}
+
+#[test]
+fn broken_modules_are_module_errors_and_cached() {
+    let junk = b"\0asm\x01\0\0\0\xff".to_vec();
+    let hash = *blake3::hash(&junk).as_bytes();
+    assert!(matches!(
+        sandbox().compile(hash, &junk),
+        Err(ModuleError::Compile(_))
+    ));
+    assert!(matches!(
+        sandbox().module(&hash),
+        Some(Err(ModuleError::Compile(_)))
+    ));
+
+    // WAT text is not a module, even though wasmtime could compile it.
+    let text = br#"(module (func (export "_start")))"#;
+    let hash = *blake3::hash(text).as_bytes();
+    assert!(matches!(
+        sandbox().compile(hash, text),
+        Err(ModuleError::Compile(_))
+    ));
+
+    let wasm =
+        wat::parse_str(r#"(module (import "env" "secret" (func)) (func (export "_start")))"#)
+            .unwrap();
+    let hash = *blake3::hash(&wasm).as_bytes();
+    assert!(matches!(
+        sandbox().compile(hash, &wasm),
+        Err(ModuleError::Link(_))
+    ));
+
+    let no_start = compile_wat(r#"(module (func (export "main")))"#);
+    let outcome = sandbox().run(&no_start, b"", &small(), 1);
+    assert_eq!(failure(&outcome).0, FailureKind::Module);
+}
+
+#[test]
+fn zero_bounds_mean_defaults() {
+    assert_eq!(
+        Bounds {
+            fuel: 0,
+            memory_bytes: 0,
+            output_bytes: 0,
+            wall_ms: 0
+        }
+        .or_default(),
+        Bounds::DEFAULT
+    );
+    let m = metrics_guest("", "(i64.const 1)", "(i64.const 2)");
+    let zero = Bounds {
+        fuel: 0,
+        memory_bytes: 0,
+        output_bytes: 0,
+        wall_ms: 0,
+    };
+    assert!(matches!(
+        sandbox().run(&m, b"", &zero, 1),
+        Outcome::Success { .. }
+    ));
+}
+
+#[test]
+fn runtime_names_the_wasmtime_version() {
+    assert!(RUNTIME.starts_with("wasmtime 48."), "{RUNTIME}");
+}
