@@ -1,0 +1,229 @@
+//! The researcher's and dashboard's side of the API: connecting, submitting sweeps, and printing
+//! status and findings as tables for people or JSON for agents and scripts.
+
+use std::time::{Duration, Instant};
+
+use accrete_proto::MAX_MESSAGE_BYTES;
+use accrete_proto::v1::{
+    self as pb, ledger_service_client::LedgerServiceClient,
+    research_service_client::ResearchServiceClient,
+};
+use anyhow::{Context, bail};
+use serde_json::{Value, json};
+use tonic::transport::Channel;
+
+use crate::sweep::SweepSpec;
+
+/// Clients of the research and ledger services over one connection.
+#[derive(Clone)]
+pub struct Client {
+    pub research: ResearchServiceClient<Channel>,
+    pub ledger: LedgerServiceClient<Channel>,
+}
+
+impl Client {
+    pub async fn connect(server: &str) -> anyhow::Result<Client> {
+        let channel = Channel::from_shared(server.to_string())
+            .with_context(|| format!("bad server URL {server:?}"))?
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .with_context(|| format!("connecting to {server}"))?;
+        Ok(Client {
+            research: ResearchServiceClient::new(channel.clone())
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            ledger: LedgerServiceClient::new(channel)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        })
+    }
+
+    /// Uploads a module (a no-op when the server has it) and returns its hash.
+    pub async fn put_module(&mut self, wasm: Vec<u8>, name: &str) -> anyhow::Result<Vec<u8>> {
+        let r = self
+            .research
+            .put_module(pb::PutModuleRequest {
+                wasm,
+                name: name.to_string(),
+            })
+            .await
+            .map_err(status_error)?;
+        Ok(r.into_inner().hash)
+    }
+
+    /// Uploads the module, expands the sweep and submits it as one study.
+    pub async fn submit_sweep(
+        &mut self,
+        wasm: Vec<u8>,
+        module_name: &str,
+        spec: &SweepSpec,
+        name: &str,
+    ) -> anyhow::Result<pb::SubmitStudyResponse> {
+        let inputs = spec.expand().map_err(anyhow::Error::msg)?;
+        let module_hash = self.put_module(wasm, module_name).await?;
+        let r = self
+            .research
+            .submit_study(pb::SubmitStudyRequest {
+                name: name.to_string(),
+                description: spec.description.clone(),
+                module_hash,
+                policy: Some(spec.policy.to_pb()),
+                bounds: Some(spec.bounds.to_pb()),
+                work_units: inputs
+                    .iter()
+                    .map(|p| pb::WorkUnitSpec {
+                        input: p.to_string().into_bytes(),
+                    })
+                    .collect(),
+            })
+            .await
+            .map_err(status_error)?;
+        Ok(r.into_inner())
+    }
+
+    pub async fn status(&mut self, study: u64) -> anyhow::Result<pb::GetStatusResponse> {
+        Ok(self
+            .research
+            .get_status(pb::GetStatusRequest { study_id: study })
+            .await
+            .map_err(status_error)?
+            .into_inner())
+    }
+
+    pub async fn findings(
+        &mut self,
+        req: pb::ListFindingsRequest,
+    ) -> anyhow::Result<Vec<pb::Finding>> {
+        Ok(self
+            .ledger
+            .list_findings(req)
+            .await
+            .map_err(status_error)?
+            .into_inner()
+            .findings)
+    }
+
+    /// Polls a study until no work unit is pending, calling `progress` on each poll.
+    pub async fn wait(
+        &mut self,
+        study: u64,
+        timeout: Option<Duration>,
+        mut progress: impl FnMut(&pb::StudyStatus, Duration),
+    ) -> anyhow::Result<pb::StudyStatus> {
+        let start = Instant::now();
+        loop {
+            let s = self.status(study).await?.studies.remove(0);
+            progress(&s, start.elapsed());
+            if s.pending == 0 {
+                return Ok(s);
+            }
+            if timeout.is_some_and(|t| start.elapsed() > t) {
+                bail!(
+                    "study {study} still has {} pending work units after {:?}",
+                    s.pending,
+                    start.elapsed()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+}
+
+/// A gRPC status as an error a person can read.
+pub fn status_error(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("server said {:?}: {}", s.code(), s.message())
+}
+
+/// One line of progress.
+pub fn progress_line(s: &pb::StudyStatus, elapsed: Duration) -> String {
+    let done = s.validated + s.failed + s.cancelled_units;
+    format!(
+        "[{:6.1}s] study {}: {}/{} done ({} validated, {} failed) | replicas: {} running, {} ok, {} errors, {} timed out, {} invalid",
+        elapsed.as_secs_f64(),
+        s.study_id,
+        done,
+        s.work_units,
+        s.validated,
+        s.failed,
+        s.replicas_in_progress,
+        s.replicas_success,
+        s.replicas_error,
+        s.replicas_timed_out,
+        s.replicas_invalid,
+    )
+}
+
+pub fn status_json(s: &pb::StudyStatus) -> Value {
+    json!({
+        "study_id": s.study_id, "name": s.name, "module_hash": hex(&s.module_hash),
+        "cancelled": s.cancelled, "work_units": s.work_units, "pending": s.pending,
+        "validated": s.validated, "failed": s.failed, "cancelled_units": s.cancelled_units,
+        "replicas": { "in_progress": s.replicas_in_progress, "success": s.replicas_success,
+                      "error": s.replicas_error, "timed_out": s.replicas_timed_out,
+                      "invalid": s.replicas_invalid },
+        "created_unix": s.created_unix,
+    })
+}
+
+pub fn finding_json(f: &pb::Finding) -> Value {
+    let parse = |s: &str| serde_json::from_str::<Value>(s).unwrap_or(Value::Null);
+    let mut v = json!({
+        "id": f.id, "study_id": f.study_id, "work_unit_id": f.work_unit_id,
+        "metrics": parse(&f.metrics_json), "params": parse(&f.params_json),
+        "confidence": f.confidence,
+        "module_hash": hex(&f.module_hash), "input_hash": hex(&f.input_hash),
+        "output_hash": hex(&f.output_hash),
+        "agreeing": f.agreeing.iter().map(|a| json!({
+            "replica_id": a.replica_id, "worker_id": a.worker_id, "platform": a.platform,
+            "fuel_used": a.fuel_used })).collect::<Vec<_>>(),
+        "dissenting": f.dissenting, "created_unix": f.created_unix,
+    });
+    if !f.output.is_empty() {
+        v["output"] = serde_json::from_slice(&f.output)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&f.output).into_owned()));
+    }
+    v
+}
+
+/// A leaderboard: rank, metric, parameters, confidence and the replicas that agreed.
+pub fn findings_table(findings: &[pb::Finding], metric: Option<&str>) -> String {
+    let mut out = String::new();
+    let metric_head = metric.unwrap_or("metrics");
+    out.push_str(&format!(
+        "{:>4}  {:>7}  {:>12}  {:>10}  {:<22}  {}\n",
+        "rank", "finding", metric_head, "confidence", "agreed (platforms)", "parameters"
+    ));
+    for (i, f) in findings.iter().enumerate() {
+        let metrics: Value = serde_json::from_str(&f.metrics_json).unwrap_or(Value::Null);
+        let value = match metric {
+            Some(m) => metrics
+                .get(m)
+                .and_then(Value::as_f64)
+                .map_or("-".into(), |x| format!("{x:.6}")),
+            None => f.metrics_json.clone(),
+        };
+        let mut platforms: Vec<&str> = f.agreeing.iter().map(|a| a.platform.as_str()).collect();
+        platforms.sort_unstable();
+        platforms.dedup();
+        let agreed = format!("{} ({})", f.agreeing.len(), platforms.join(","));
+        out.push_str(&format!(
+            "{:>4}  {:>7}  {:>12}  {:>10.4}  {:<22}  {}\n",
+            i + 1,
+            f.id,
+            value,
+            f.confidence,
+            agreed,
+            if f.params_json.is_empty() {
+                "-"
+            } else {
+                &f.params_json
+            },
+        ));
+    }
+    out
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -1,0 +1,321 @@
+//! `accrete`: the researcher's and dashboard's command line. Parses flags and calls the library.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use accrete::client::{self, Client, status_error};
+use accrete::demo::{self, DemoOptions};
+use accrete::sweep::SweepSpec;
+use accrete_proto::v1 as pb;
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+/// accrete: volunteer computing for research. Submit sandboxed WebAssembly experiments as
+/// sweeps of work units, let volunteer workers run them redundantly, and query the validated
+/// findings, each with a confidence score and the replicas that agreed on it.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about)]
+struct Cli {
+    /// The accrete server's gRPC address.
+    #[arg(
+        long,
+        global = true,
+        env = "ACCRETE_SERVER",
+        default_value = "http://127.0.0.1:7070"
+    )]
+    server: String,
+    /// Print JSON (one document per command) instead of tables, for agents and scripts.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Runs the whole loop on this machine: a throwaway PostgreSQL (DATABASE_URL if set, else a
+    /// fresh database on 127.0.0.1:5432, else a private cluster under target/), the scheduler,
+    /// volunteer workers, a 120-unit tiny-model sweep with live progress, and a leaderboard.
+    /// Removes everything it made before it exits.
+    Demo {
+        #[arg(long, env = "DATABASE_URL")]
+        database_url: Option<String>,
+        /// Workers to start.
+        #[arg(long, default_value_t = 4)]
+        workers: usize,
+        /// Slots (parallel runs) per worker.
+        #[arg(long, default_value_t = 1)]
+        slots: usize,
+        /// Rows in the leaderboard.
+        #[arg(long, default_value_t = 10)]
+        top: u32,
+    },
+    /// Uploads a WebAssembly module (a wasm32-wasip1 command) and prints its BLAKE3 hash.
+    PutModule { module: PathBuf },
+    /// Uploads MODULE and submits a sweep over its parameters as one study.
+    ///
+    /// The sweep file (TOML, or JSON) names the parameters, the search (grid, or random with
+    /// `samples` and `seed`), the replication policy and the resource bounds; see
+    /// examples/tiny-model-sweep.toml. Each point of the sweep is one work unit whose input (the
+    /// guest's stdin) is the JSON object of its parameters.
+    Submit {
+        module: PathBuf,
+        #[arg(long)]
+        sweep: PathBuf,
+        /// The study's name (default: the sweep's `name`, else the file name).
+        #[arg(long)]
+        name: Option<String>,
+        /// Wait, showing progress, until no work unit is pending.
+        #[arg(long)]
+        wait: bool,
+        /// Print the expanded work units and stop, without contacting the server.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Shows the progress of one study, or of every study.
+    Status { study: Option<u64> },
+    /// Lists validated findings, best first when ordered by a metric.
+    Findings {
+        #[arg(long)]
+        study: Option<u64>,
+        /// Order by this metric (e.g. val_loss); findings without it are left out.
+        #[arg(long)]
+        order_by: Option<String>,
+        /// Largest first (default: smallest first).
+        #[arg(long)]
+        desc: bool,
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+    /// Shows one finding with its provenance and canonical output.
+    Finding { id: u64 },
+    /// Lists the failed work units of a study and why they failed.
+    Failures {
+        study: u64,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// Cancels a study: its pending work units are no longer handed out.
+    Cancel { study: u64 },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Demo {
+            database_url,
+            workers,
+            slots,
+            top,
+        } => {
+            let scratch = std::env::current_dir()?.join("target");
+            demo::run(DemoOptions {
+                database_url,
+                workers,
+                slots,
+                scratch,
+                top,
+            })
+            .await
+        }
+        Command::PutModule { module } => {
+            let wasm =
+                std::fs::read(&module).with_context(|| format!("reading {}", module.display()))?;
+            let name = file_stem(&module);
+            let hash = Client::connect(&cli.server)
+                .await?
+                .put_module(wasm, &name)
+                .await?;
+            print_out(
+                cli.json,
+                serde_json::json!({ "hash": client::hex(&hash) }),
+                || client::hex(&hash),
+            );
+            Ok(())
+        }
+        Command::Submit {
+            module,
+            sweep,
+            name,
+            wait,
+            dry_run,
+        } => {
+            let text = std::fs::read_to_string(&sweep)
+                .with_context(|| format!("reading {}", sweep.display()))?;
+            let spec = SweepSpec::parse(&text).map_err(anyhow::Error::msg)?;
+            if dry_run {
+                for unit in spec.expand().map_err(anyhow::Error::msg)? {
+                    println!("{unit}");
+                }
+                return Ok(());
+            }
+            let wasm =
+                std::fs::read(&module).with_context(|| format!("reading {}", module.display()))?;
+            let name = name
+                .or(spec.name.clone())
+                .unwrap_or_else(|| file_stem(&sweep));
+            let mut client = Client::connect(&cli.server).await?;
+            let r = client
+                .submit_sweep(wasm, &file_stem(&module), &spec, &name)
+                .await?;
+            print_out(
+                cli.json,
+                serde_json::json!({ "study_id": r.study_id, "work_units": r.work_unit_ids.len() }),
+                || {
+                    format!(
+                        "study {}: {} work units submitted",
+                        r.study_id,
+                        r.work_unit_ids.len()
+                    )
+                },
+            );
+            if wait {
+                let json = cli.json;
+                let s = client
+                    .wait(r.study_id, None, |s, t| {
+                        if !json {
+                            println!("{}", client::progress_line(s, t));
+                        }
+                    })
+                    .await?;
+                print_out(json, client::status_json(&s), String::new);
+            }
+            Ok(())
+        }
+        Command::Status { study } => {
+            let r = Client::connect(&cli.server)
+                .await?
+                .status(study.unwrap_or(0))
+                .await?;
+            print_out(
+                cli.json,
+                serde_json::json!({
+                    "studies": r.studies.iter().map(client::status_json).collect::<Vec<_>>(),
+                    "workers_seen_recently": r.workers_seen_recently,
+                }),
+                || {
+                    let mut out: Vec<String> = r
+                        .studies
+                        .iter()
+                        .map(|s| {
+                            format!(
+                                "{} \"{}\"",
+                                client::progress_line(s, Duration::ZERO),
+                                s.name
+                            )
+                        })
+                        .collect();
+                    out.push(format!(
+                        "workers seen in the last 2 minutes: {}",
+                        r.workers_seen_recently
+                    ));
+                    out.join("\n")
+                },
+            );
+            Ok(())
+        }
+        Command::Findings {
+            study,
+            order_by,
+            desc,
+            limit,
+        } => {
+            let findings = Client::connect(&cli.server)
+                .await?
+                .findings(pb::ListFindingsRequest {
+                    study_id: study.unwrap_or(0),
+                    order_by_metric: order_by.clone().unwrap_or_default(),
+                    descending: desc,
+                    limit,
+                })
+                .await?;
+            print_out(
+                cli.json,
+                serde_json::Value::Array(findings.iter().map(client::finding_json).collect()),
+                || client::findings_table(&findings, order_by.as_deref()),
+            );
+            Ok(())
+        }
+        Command::Finding { id } => {
+            let mut c = Client::connect(&cli.server).await?;
+            let f = c
+                .ledger
+                .get_finding(pb::GetFindingRequest { finding_id: id })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            let json = client::finding_json(&f);
+            print_out(cli.json, json.clone(), || {
+                serde_json::to_string_pretty(&json).unwrap_or_default()
+            });
+            Ok(())
+        }
+        Command::Failures { study, limit } => {
+            let mut c = Client::connect(&cli.server).await?;
+            let r = c
+                .ledger
+                .list_failures(pb::ListFailuresRequest {
+                    study_id: study,
+                    limit,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            print_out(
+                cli.json,
+                serde_json::Value::Array(
+                    r.failures
+                        .iter()
+                        .map(|f| serde_json::json!({ "work_unit_id": f.work_unit_id, "reason": f.reason, "params": f.params_json }))
+                        .collect(),
+                ),
+                || r.failures.iter().map(|f| format!("{}  {}  {}", f.work_unit_id, f.reason, f.params_json)).collect::<Vec<_>>().join("\n"),
+            );
+            Ok(())
+        }
+        Command::Cancel { study } => {
+            let mut c = Client::connect(&cli.server).await?;
+            let r = c
+                .research
+                .cancel_study(pb::CancelStudyRequest { study_id: study })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            print_out(
+                cli.json,
+                serde_json::json!({ "cancelled_units": r.cancelled_units }),
+                || {
+                    format!(
+                        "study {study} cancelled; {} pending work units stopped",
+                        r.cancelled_units
+                    )
+                },
+            );
+            Ok(())
+        }
+    }
+}
+
+fn print_out(json: bool, value: serde_json::Value, text: impl FnOnce() -> String) {
+    if json {
+        println!("{value}");
+    } else {
+        let t = text();
+        if !t.is_empty() {
+            println!("{}", t.trim_end());
+        }
+    }
+}
+
+fn file_stem(p: &std::path::Path) -> String {
+    p.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
