@@ -1,0 +1,5 @@
+//! The `accrete-server` command line under another name, so integration tests can run it as a process.
+
+fn main() -> anyhow::Result<()> {
+    accrete_server::cli::main()
+}

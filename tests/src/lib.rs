@@ -1,0 +1,382 @@
+//! Test harness for the integration tests in `tests/it`: `TestApp::spawn()` makes a fresh,
+//! uniquely named database on the local PostgreSQL, starts the real server on a loopback port,
+//! and starts workers in-process or as real processes (the `it-server`/`it-worker` binaries).
+//!
+//! Logs are silent unless `TEST_LOG` is set. The admin URL of the PostgreSQL server comes from
+//! `ACCRETE_TEST_DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`).
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use accrete::client::Client;
+use accrete_proto::MAX_MESSAGE_BYTES;
+use accrete_proto::v1::{self as pb, worker_service_client::WorkerServiceClient};
+use accrete_server::devdb::{DevDb, LOCAL_SERVER};
+use accrete_server::{Config, Store};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+
+pub use accrete_proto::v1;
+
+/// Paths of the wrapper binaries, set by cargo for this package's integration tests.
+pub struct Binaries {
+    pub server: &'static str,
+    pub worker: &'static str,
+}
+
+fn init_tracing() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if std::env::var_os("TEST_LOG").is_some() {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+                .with_test_writer()
+                .try_init();
+        }
+    });
+}
+
+enum Server {
+    InProcess {
+        stop: watch::Sender<bool>,
+        task: JoinHandle<anyhow::Result<()>>,
+    },
+    Process(Child),
+}
+
+/// A running server on a fresh database, with helpers to drive it.
+pub struct TestApp {
+    pub db_url: String,
+    pub store: Store,
+    pub addr: SocketAddr,
+    pub server_url: String,
+    pub config: Config,
+    server: Option<Server>,
+    workers: Vec<(
+        watch::Sender<bool>,
+        JoinHandle<anyhow::Result<accrete_worker::WorkerSummary>>,
+    )>,
+    processes: Vec<Child>,
+    db: Option<DevDb>,
+}
+
+/// The config tests run the server with: a quick rescuer so deadlines are noticed at once.
+pub fn test_config() -> Config {
+    Config {
+        rescue_interval: Duration::from_millis(200),
+        ..Config::default()
+    }
+}
+
+impl TestApp {
+    /// A fresh database and a server on it, in this process.
+    pub async fn spawn() -> TestApp {
+        init_tracing();
+        let admin =
+            std::env::var("ACCRETE_TEST_DATABASE_URL").unwrap_or_else(|_| LOCAL_SERVER.into());
+        let name = format!("accrete_test_{}_{}", std::process::id(), rand_suffix());
+        let db = DevDb::on_server(&admin, &name)
+            .await
+            .expect("creating a test database (is PostgreSQL running at 127.0.0.1:5432?)");
+        let store = Store::connect(&db.url, 10)
+            .await
+            .expect("connecting and migrating");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut app = TestApp {
+            db_url: db.url.clone(),
+            store,
+            addr,
+            server_url: format!("http://{addr}"),
+            config: test_config(),
+            server: None,
+            workers: Vec::new(),
+            processes: Vec::new(),
+            db: Some(db),
+        };
+        app.serve_on(listener);
+        app
+    }
+
+    fn serve_on(&mut self, listener: tokio::net::TcpListener) {
+        let (stop, mut rx) = watch::channel(false);
+        let task = tokio::spawn(accrete_server::run(
+            self.store.clone(),
+            self.config.clone(),
+            listener,
+            async move {
+                let _ = rx.wait_for(|s| *s).await;
+            },
+        ));
+        self.server = Some(Server::InProcess { stop, task });
+    }
+
+    /// Stops the server: gracefully if in-process, with SIGKILL if it is a process.
+    pub async fn stop_server(&mut self) {
+        match self.server.take() {
+            Some(Server::InProcess { stop, task }) => {
+                let _ = stop.send(true);
+                task.await.unwrap().unwrap();
+            }
+            Some(Server::Process(mut child)) => {
+                child.kill().unwrap();
+                child.wait().unwrap();
+            }
+            None => {}
+        }
+    }
+
+    /// Starts the server again on the same address, in this process.
+    pub async fn restart_server(&mut self) {
+        self.stop_server().await;
+        let listener = bind_retrying(self.addr).await;
+        self.serve_on(listener);
+    }
+
+    /// Replaces the server with the real binary in its own process, on the same address.
+    pub async fn server_as_process(&mut self, bins: &Binaries) {
+        self.stop_server().await;
+        let child = Command::new(bins.server)
+            .args([
+                "--database-url",
+                &self.db_url,
+                "--listen",
+                &self.addr.to_string(),
+            ])
+            .args(["--rescue-interval-secs", "0.2"])
+            .stdout(Stdio::null())
+            .stderr(log_stdio())
+            .spawn()
+            .expect("starting it-server");
+        self.server = Some(Server::Process(child));
+        self.wait_serving().await;
+    }
+
+    async fn wait_serving(&self) {
+        let start = Instant::now();
+        while Client::connect(&self.server_url).await.is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "server did not come up"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Starts an in-process worker with `slots` slots.
+    pub fn start_worker(&mut self, name: &str, slots: usize) {
+        let mut config = accrete_worker::WorkerConfig::new(self.server_url.clone());
+        config.slots = slots;
+        config.name = Some(name.to_string());
+        let (stop, mut rx) = watch::channel(false);
+        let task = tokio::spawn(accrete_worker::run(config, async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }));
+        self.workers.push((stop, task));
+    }
+
+    /// Starts a worker as a real process (the `accrete-worker` command line), returning its index.
+    pub fn start_worker_process(&mut self, bins: &Binaries, name: &str, slots: usize) -> usize {
+        let child = Command::new(bins.worker)
+            .args([
+                "--server",
+                &self.server_url,
+                "--name",
+                name,
+                "--slots",
+                &slots.to_string(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(log_stdio())
+            .spawn()
+            .expect("starting it-worker");
+        self.processes.push(child);
+        self.processes.len() - 1
+    }
+
+    /// Kills a worker process with SIGKILL: no chance to report or hand anything back.
+    pub fn kill_worker_process(&mut self, index: usize) {
+        let child = &mut self.processes[index];
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    pub async fn client(&self) -> Client {
+        Client::connect(&self.server_url).await.expect("connecting")
+    }
+
+    /// A raw worker-service client, for tests that play a (mis)behaving worker by hand.
+    pub async fn worker_client(&self) -> WorkerServiceClient<Channel> {
+        let channel = Channel::from_shared(self.server_url.clone())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        WorkerServiceClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+
+    /// Registers a hand-driven worker and returns its credentials.
+    pub async fn register(&self, name: &str) -> pb::WorkerAuth {
+        let r = self
+            .worker_client()
+            .await
+            .register(pb::RegisterRequest {
+                name: name.into(),
+                platform: Some(pb::Platform {
+                    arch: "x86_64".into(),
+                    os: "linux".into(),
+                    cores: 1,
+                    memory_bytes: 1 << 30,
+                    runtime: "hand-driven".into(),
+                }),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        pb::WorkerAuth {
+            worker_id: r.worker_id,
+            token: r.token,
+        }
+    }
+
+    /// Uploads a module and submits one study over `inputs`.
+    pub async fn submit(
+        &self,
+        wasm: &[u8],
+        inputs: Vec<Vec<u8>>,
+        policy: pb::ReplicationPolicy,
+        bounds: pb::ResourceBounds,
+    ) -> pb::SubmitStudyResponse {
+        let mut c = self.client().await;
+        let module_hash = c.put_module(wasm.to_vec(), "test").await.unwrap();
+        c.research
+            .submit_study(pb::SubmitStudyRequest {
+                name: "test study".into(),
+                description: String::new(),
+                module_hash,
+                policy: Some(policy),
+                bounds: Some(bounds),
+                work_units: inputs
+                    .into_iter()
+                    .map(|input| pb::WorkUnitSpec { input })
+                    .collect(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    /// Waits until no work unit of `study` is pending.
+    pub async fn wait_done(&self, study: u64, timeout: Duration) -> pb::StudyStatus {
+        self.client()
+            .await
+            .wait(study, Some(timeout), |_, _| {})
+            .await
+            .unwrap()
+    }
+
+    /// Every finding of a study, with outputs.
+    pub async fn findings(&self, study: u64) -> Vec<pb::Finding> {
+        let mut c = self.client().await;
+        let list = c
+            .findings(pb::ListFindingsRequest {
+                study_id: study,
+                limit: 1000,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        for f in list {
+            let full = c
+                .ledger
+                .get_finding(pb::GetFindingRequest { finding_id: f.id })
+                .await
+                .unwrap();
+            out.push(full.into_inner());
+        }
+        out
+    }
+
+    /// Stops everything and drops the database.
+    pub async fn shutdown(mut self) {
+        for (stop, _) in &self.workers {
+            let _ = stop.send(true);
+        }
+        for (_, task) in std::mem::take(&mut self.workers) {
+            task.await.unwrap().unwrap();
+        }
+        for mut p in std::mem::take(&mut self.processes) {
+            let _ = p.kill();
+            let _ = p.wait();
+        }
+        self.stop_server().await;
+        self.store.pool().close().await;
+        if let Some(db) = self.db.take() {
+            db.stop().await.unwrap();
+        }
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        // A failed test still kills the processes it started; the database is dropped by DevDb.
+        for p in &mut self.processes {
+            let _ = p.kill();
+        }
+        if let Some(Server::Process(p)) = &mut self.server {
+            let _ = p.kill();
+        }
+    }
+}
+
+async fn bind_retrying(addr: SocketAddr) -> tokio::net::TcpListener {
+    let start = Instant::now();
+    loop {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => return l,
+            Err(e) if start.elapsed() < Duration::from_secs(10) => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("rebinding {addr}: {e}"),
+        }
+    }
+}
+
+fn log_stdio() -> Stdio {
+    if std::env::var_os("TEST_LOG").is_some() {
+        Stdio::inherit()
+    } else {
+        Stdio::null()
+    }
+}
+
+fn rand_suffix() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos(),
+    );
+    h.finish() as u32
+}
+
+/// Polls `check` until it returns true, or panics after `timeout` with `what`.
+pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !check().await {
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
