@@ -109,3 +109,44 @@ async fn an_infinite_loop_runs_out_of_fuel_and_the_workers_keep_serving() {
     assert_eq!(app.wait_done(good.study_id, TIMEOUT).await.validated, 4);
     app.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_that_breaks_the_metrics_contract_is_an_error_result() {
+    let mut app = TestApp::spawn().await;
+    app.start_worker("a", 1);
+    app.start_worker("b", 1);
+    // Writes "hello" to stdout: not the JSON object with metrics a guest must write.
+    let hello = wat::parse_str(
+        r#"(module
+             (import "wasi_snapshot_preview1" "fd_write" (func $w (param i32 i32 i32 i32) (result i32)))
+             (memory (export "memory") 1)
+             (data (i32.const 16) "hello")
+             (func (export "_start")
+               (i32.store (i32.const 0) (i32.const 16))
+               (i32.store (i32.const 4) (i32.const 5))
+               (drop (call $w (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))"#,
+    )
+    .unwrap();
+    let p = pb::ReplicationPolicy {
+        max_error_results: 2,
+        ..policy(2)
+    };
+    let study = app.submit(&hello, vec![b"{}".to_vec()], p, bounds()).await;
+    assert_eq!(app.wait_done(study.study_id, TIMEOUT).await.failed, 1);
+    let reason = app
+        .client()
+        .await
+        .ledger
+        .list_failures(pb::ListFailuresRequest {
+            study_id: study.study_id,
+            limit: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .failures
+        .remove(0)
+        .reason;
+    assert!(reason.contains("bad_output"), "{reason}");
+    app.shutdown().await;
+}

@@ -5,6 +5,7 @@ mod bad_input;
 mod e2e;
 mod faults;
 mod validation;
+mod worker_loop;
 
 use std::time::Duration;
 

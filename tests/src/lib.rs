@@ -165,16 +165,30 @@ impl TestApp {
         }
     }
 
-    /// Starts an in-process worker with `slots` slots.
-    pub fn start_worker(&mut self, name: &str, slots: usize) {
+    /// Starts an in-process worker with `slots` slots, returning its index.
+    pub fn start_worker(&mut self, name: &str, slots: usize) -> usize {
         let mut config = accrete_worker::WorkerConfig::new(self.server_url.clone());
         config.slots = slots;
+        config.prefetch = slots;
         config.name = Some(name.to_string());
+        self.start_worker_with(config)
+    }
+
+    /// Starts an in-process worker with a config of the test's, returning its index.
+    pub fn start_worker_with(&mut self, config: accrete_worker::WorkerConfig) -> usize {
         let (stop, mut rx) = watch::channel(false);
         let task = tokio::spawn(accrete_worker::run(config, async move {
             let _ = rx.wait_for(|s| *s).await;
         }));
         self.workers.push((stop, task));
+        self.workers.len() - 1
+    }
+
+    /// Shuts an in-process worker down (as ctrl-c would) and returns its summary.
+    pub async fn stop_worker(&mut self, index: usize) -> accrete_worker::WorkerSummary {
+        let (stop, task) = &mut self.workers[index];
+        let _ = stop.send(true);
+        task.await.unwrap().unwrap()
     }
 
     /// Starts a worker as a real process (the `accrete-worker` command line), returning its index.
@@ -308,7 +322,9 @@ impl TestApp {
             let _ = stop.send(true);
         }
         for (_, task) in std::mem::take(&mut self.workers) {
-            task.await.unwrap().unwrap();
+            if !task.is_finished() {
+                task.await.unwrap().unwrap();
+            }
         }
         for mut p in std::mem::take(&mut self.processes) {
             let _ = p.kill();

@@ -1,0 +1,117 @@
+//! The volunteer loop against the real server: hand-back at shutdown, and registering again
+//! when the server no longer knows the worker's credentials.
+
+use std::time::{Duration, Instant};
+
+use crate::{TIMEOUT, bounds, count, policy, tiny_model_inputs};
+use accrete_tests::{TestApp, eventually, v1 as pb};
+
+/// A guest that never ends: only fuel, the wall-clock backstop or a shutdown stops it.
+const SPIN: &str = r#"(module
+    (import "wasi_snapshot_preview1" "fd_write" (func (param i32 i32 i32 i32) (result i32)))
+    (memory (export "memory") 1)
+    (func (export "_start") (loop (br 0))))"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_hands_back_unfinished_work_for_immediate_reissue() {
+    let mut app = TestApp::spawn().await;
+    let mut config = accrete_worker::WorkerConfig::new(app.server_url.clone());
+    config.slots = 1;
+    config.prefetch = 2;
+    config.drain_timeout = Duration::from_millis(100);
+    config.name = Some("leaving".into());
+    let leaving = app.start_worker_with(config);
+    // The deadline is far away: only a hand-back can bring these replicas back soon.
+    let p = pb::ReplicationPolicy {
+        delay_bound_secs: 3600,
+        ..policy(2)
+    };
+    let b = pb::ResourceBounds {
+        fuel: 1_000_000_000_000,
+        wall_ms: 3_600_000,
+        ..bounds()
+    };
+    let spin = wat::parse_str(SPIN).unwrap();
+    app.submit(
+        &spin,
+        (0..3)
+            .map(|i| format!("{{\"i\":{i}}}").into_bytes())
+            .collect(),
+        p,
+        b,
+    )
+    .await;
+    eventually(TIMEOUT, "three replicas claimed", || async {
+        count(
+            &app,
+            "SELECT count(*) FROM replicas WHERE state = 'in_progress'",
+        )
+        .await
+            == 3
+    })
+    .await;
+
+    let stopping = Instant::now();
+    let summary = app.stop_worker(leaving).await;
+    assert!(
+        stopping.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        stopping.elapsed()
+    );
+    assert_eq!(
+        (summary.completed, summary.failed, summary.handed_back),
+        (0, 0, 3)
+    );
+    assert_eq!(
+        count(
+            &app,
+            "SELECT count(*) FROM replicas WHERE state = 'handed_back'"
+        )
+        .await,
+        3
+    );
+    // Each unit wants its second replica plus a replacement for the one handed back.
+    assert_eq!(
+        count(&app, "SELECT sum(unsent)::bigint FROM work_units").await,
+        6
+    );
+    app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_register_again_when_their_credentials_are_gone() {
+    let mut app = TestApp::spawn().await;
+    app.start_worker("a", 1);
+    app.start_worker("b", 1);
+    eventually(TIMEOUT, "two registrations", || async {
+        count(&app, "SELECT count(*) FROM workers").await == 2
+    })
+    .await;
+    // As if the operator had revoked every credential: the server stops knowing them.
+    sqlx::query("UPDATE workers SET token_hash = sha256('revoked'::bytea)")
+        .execute(app.store.pool())
+        .await
+        .unwrap();
+    app.restart_server().await;
+    let study = app
+        .submit(
+            accrete_tasks::TINY_MODEL,
+            tiny_model_inputs(4, 40),
+            policy(2),
+            bounds(),
+        )
+        .await;
+    let status = app.wait_done(study.study_id, TIMEOUT).await;
+    assert_eq!(status.validated, 4);
+    assert_eq!(
+        count(&app, "SELECT count(*) FROM workers").await,
+        4,
+        "each worker registered anew"
+    );
+    assert_eq!(
+        count(&app, "SELECT count(DISTINCT worker_id) FROM replicas").await,
+        2,
+        "only the new identities got work"
+    );
+    app.shutdown().await;
+}
