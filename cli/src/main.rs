@@ -38,6 +38,7 @@ enum Command {
     /// volunteer workers, a 120-unit tiny-model sweep with live progress, and a leaderboard.
     /// Removes everything it made before it exits.
     Demo {
+        /// PostgreSQL to use instead of a throwaway one (its tables are created if missing).
         #[arg(long, env = "DATABASE_URL")]
         database_url: Option<String>,
         /// Workers to start.
@@ -59,7 +60,10 @@ enum Command {
     /// examples/tiny-model-sweep.toml. Each point of the sweep is one work unit whose input (the
     /// guest's stdin) is the JSON object of its parameters.
     Submit {
+        /// The experiment: a wasm32-wasip1 command module (e.g. built with
+        /// `cargo build --release --target wasm32-wasip1 -p tiny-model`).
         module: PathBuf,
+        /// The sweep file (TOML or JSON).
         #[arg(long)]
         sweep: PathBuf,
         /// The study's name (default: the sweep's `name`, else the file name).
@@ -76,6 +80,7 @@ enum Command {
     Status { study: Option<u64> },
     /// Lists validated findings, best first when ordered by a metric.
     Findings {
+        /// Only this study's findings (default: every study).
         #[arg(long)]
         study: Option<u64>,
         /// Order by this metric (e.g. val_loss); findings without it are left out.
@@ -84,6 +89,7 @@ enum Command {
         /// Largest first (default: smallest first).
         #[arg(long)]
         desc: bool,
+        /// Most findings to list (at most 1000).
         #[arg(long, default_value_t = 20)]
         limit: u32,
     },
@@ -91,7 +97,9 @@ enum Command {
     Finding { id: u64 },
     /// Lists the failed work units of a study and why they failed.
     Failures {
+        /// The study's id.
         study: u64,
+        /// Most failures to list (at most 1000).
         #[arg(long, default_value_t = 50)]
         limit: u32,
     },
@@ -99,9 +107,22 @@ enum Command {
     Cancel { study: u64 },
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+/// Errors are printed as one line with their causes, not as a backtrace: they are for people.
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    let result = tokio::runtime::Runtime::new()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(run(cli)));
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
