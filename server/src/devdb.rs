@@ -76,7 +76,8 @@ impl DevDb {
         })
     }
 
-    async fn cluster(scratch: &Path, name: &str) -> anyhow::Result<DevDb> {
+    /// Makes a private cluster under `scratch` (what `start` falls back to).
+    pub async fn cluster(scratch: &Path, name: &str) -> anyhow::Result<DevDb> {
         let bin = pg_bin_dir().context(
             "no PostgreSQL server at 127.0.0.1:5432 and no initdb found: set DATABASE_URL or install PostgreSQL",
         )?;
