@@ -32,6 +32,8 @@ pub fn parse_metrics(output: &[u8]) -> Result<Metrics, OutputError> {
     metrics
         .iter()
         .map(|(name, v)| match v.as_f64() {
+            // NUL is refused because PostgreSQL's jsonb, where metrics are stored, refuses it.
+            _ if name.contains('\0') => Err(OutputError::BadMetric(name.clone())),
             Some(x) if x.is_finite() => Ok((name.clone(), x)),
             _ => Err(OutputError::BadMetric(name.clone())),
         })
@@ -62,5 +64,9 @@ mod tests {
             parse_metrics(br#"{"metrics":{"a":"x"}}"#),
             Err(OutputError::BadMetric("a".into()))
         );
+        assert!(matches!(
+            parse_metrics(br#"{"metrics":{"a\u0000":1}}"#),
+            Err(OutputError::BadMetric(_))
+        ));
     }
 }

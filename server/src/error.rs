@@ -39,6 +39,15 @@ impl From<Error> for Status {
             Error::NotFound(m) => Status::not_found(m.clone()),
             Error::Unauthenticated(m) => Status::unauthenticated(m.clone()),
             Error::FailedPrecondition(m) => Status::failed_precondition(m.clone()),
+            // Data exceptions and constraint violations: the request carried something the
+            // schema refuses. Clear to the caller, and never retried as if it were transient.
+            Error::Database(sqlx::Error::Database(d))
+                if d.code()
+                    .is_some_and(|c| c.starts_with("22") || c.starts_with("23")) =>
+            {
+                tracing::warn!(error = %e, "request refused by the schema");
+                Status::invalid_argument(format!("refused by the database: {}", d.message()))
+            }
             Error::Database(db) if Error::is_unavailable(db) => {
                 tracing::warn!(error = %e, "database unavailable");
                 Status::new(Code::Unavailable, "database unavailable, retry later")

@@ -37,6 +37,7 @@ pub use store::Store;
 pub struct Limits {
     pub max_module_bytes: usize,
     pub max_input_bytes: usize,
+    pub max_units_per_study: usize,
     pub max_fetch_batch: u32,
     pub max_report_batch: u32,
     pub idle_retry_ms: u32,
@@ -55,6 +56,7 @@ impl Default for Limits {
         Limits {
             max_module_bytes: 32 << 20,
             max_input_bytes: 1 << 20,
+            max_units_per_study: 1_000_000,
             max_fetch_batch: 256,
             max_report_batch: 1024,
             idle_retry_ms: 500,
@@ -67,6 +69,17 @@ impl Default for Limits {
             default_wall_ms: 60_000,
             max_wall_ms: 3_600_000,
         }
+    }
+}
+
+impl Limits {
+    /// Most replicas one fetch may claim: the requested batch, but never more than a response
+    /// can carry with every input at its cap (the claim commits before the response is sent, so
+    /// a response too large to send would strand what it claimed).
+    pub fn fetch_batch_cap(&self) -> u32 {
+        let per_replica = self.max_input_bytes + 1024;
+        let fits = (MAX_MESSAGE_BYTES - (1 << 20)) / per_replica;
+        self.max_fetch_batch.min(fits.max(1) as u32)
     }
 }
 

@@ -51,13 +51,31 @@ const ALLOWED_WASI: &[&str] = &[
     "random_get",
 ];
 
+/// Largest table the workers instantiate (worker/src/sandbox.rs keeps the same number).
+const MAX_TABLE_ELEMENTS: u64 = 100_000;
+
 /// Why a module was refused.
 pub fn check(wasm: &[u8]) -> Result<(), String> {
     if !wasm.starts_with(b"\0asm") {
         return Err("not a WebAssembly module (bad magic number)".into());
     }
-    // The deterministic subset: no threads (shared memory), no relaxed SIMD.
-    let features = WasmFeatures::default() & !WasmFeatures::THREADS & !WasmFeatures::RELAXED_SIMD;
+    // Exactly what the workers' engine runs (worker/src/sandbox.rs): the deterministic subset
+    // (no threads or shared memory, no relaxed SIMD), and nothing whose resource use depends on
+    // the host's allocator (multi-memory, memory64, GC). Anything else would pass here and
+    // then fail on every worker.
+    let features = WasmFeatures::default()
+        & !(WasmFeatures::THREADS
+            | WasmFeatures::SHARED_EVERYTHING_THREADS
+            | WasmFeatures::RELAXED_SIMD
+            | WasmFeatures::MULTI_MEMORY
+            | WasmFeatures::MEMORY64
+            | WasmFeatures::GC
+            | WasmFeatures::COMPONENT_MODEL
+            | WasmFeatures::EXCEPTIONS
+            | WasmFeatures::LEGACY_EXCEPTIONS
+            | WasmFeatures::STACK_SWITCHING
+            | WasmFeatures::CUSTOM_PAGE_SIZES
+            | WasmFeatures::WIDE_ARITHMETIC);
     Validator::new_with_features(features)
         .validate_all(wasm)
         .map_err(|e| format!("invalid WebAssembly: {e}"))?;
@@ -71,6 +89,17 @@ pub fn check(wasm: &[u8]) -> Result<(), String> {
                 return Err(
                     "components are not supported; build a wasm32-wasip1 command module".into(),
                 );
+            }
+            Payload::TableSection(tables) => {
+                for table in tables {
+                    let table = table.map_err(|e| format!("invalid WebAssembly: {e}"))?;
+                    if table.ty.initial > MAX_TABLE_ELEMENTS {
+                        return Err(format!(
+                            "a table of {} elements is over the workers' limit of {MAX_TABLE_ELEMENTS}",
+                            table.ty.initial
+                        ));
+                    }
+                }
             }
             Payload::ImportSection(imports) => {
                 for import in imports.into_imports() {
@@ -147,6 +176,13 @@ mod tests {
             (memory (export "memory") 1) (func (export "_start")))"#,
         );
         assert!(check(&sock).unwrap_err().contains("sock_accept"));
+        let two_memories =
+            wat(r#"(module (memory (export "memory") 1) (memory 1) (func (export "_start")))"#);
+        assert!(check(&two_memories).unwrap_err().contains("invalid"));
+        let big_table = wat(
+            r#"(module (table 200000 funcref) (memory (export "memory") 1) (func (export "_start")))"#,
+        );
+        assert!(check(&big_table).unwrap_err().contains("table"));
         let lib = wat(r#"(module (memory (export "memory") 1) (func (export "f")))"#);
         assert!(check(&lib).unwrap_err().contains("_start"));
     }

@@ -33,18 +33,30 @@ impl Policy {
     ) -> Result<Policy, String> {
         let or = |v: u32, d: u32| if v == 0 { d } else { v };
         let min_quorum = or(min_quorum, 2);
+        // Range checks on the u32s before any arithmetic or narrowing.
+        let fields = [
+            min_quorum,
+            target_nresults,
+            max_error_results,
+            max_total_results,
+            max_success_results,
+        ];
+        if min_quorum > 64 || fields.iter().any(|&v| v > 256) || delay_bound_secs > 30 * 86_400 {
+            return Err(
+                "replication policy out of range (min_quorum <= 64, counts <= 256, delay_bound_secs <= 30 days)"
+                    .into(),
+            );
+        }
         let target_nresults = or(target_nresults, min_quorum);
         let p = Policy {
             min_quorum: min_quorum as i32,
             target_nresults: target_nresults as i32,
             max_error_results: or(max_error_results, 3) as i32,
-            max_total_results: or(max_total_results, 2 * min_quorum + 2) as i32,
+            max_total_results: or(max_total_results, (2 * min_quorum + 2).max(target_nresults))
+                as i32,
             max_success_results: or(max_success_results, min_quorum + 3) as i32,
             delay_bound_secs: or(delay_bound_secs, 600) as i32,
         };
-        if p.min_quorum > 64 || p.max_total_results > 256 || p.delay_bound_secs > 30 * 86_400 {
-            return Err("replication policy values are out of range".into());
-        }
         if p.target_nresults < p.min_quorum {
             return Err("target_nresults must be at least min_quorum".into());
         }
@@ -209,6 +221,9 @@ mod tests {
             (2, 6, 5)
         );
         assert!(Policy::with_defaults(3, 2, 0, 0, 0, 0).is_err());
+        assert!(Policy::with_defaults(u32::MAX, 0, 0, 0, 0, 0).is_err());
+        assert!(Policy::with_defaults(2, 0, u32::MAX, 0, 0, 0).is_err());
+        assert!(Policy::with_defaults(2, 0, 0, 0, 0, u32::MAX).is_err());
     }
 
     #[test]

@@ -80,7 +80,7 @@ impl WorkerService for Api {
     ) -> Result<Response<pb::RegisterResponse>, Status> {
         let r = request.into_inner();
         let p = r.platform.unwrap_or_default();
-        let clip = |s: &str| s.chars().take(64).collect::<String>();
+        let clip = |s: &str| store::clean_text(s, 64);
         if p.arch.is_empty() || p.os.is_empty() {
             return Err(Error::InvalidArgument("platform arch and os are required".into()).into());
         }
@@ -111,7 +111,7 @@ impl WorkerService for Api {
     ) -> Result<Response<pb::FetchWorkResponse>, Status> {
         let r = request.into_inner();
         let worker = self.worker(r.auth.as_ref()).await?;
-        let max = r.max.clamp(1, self.limits.max_fetch_batch) as i64;
+        let max = r.max.clamp(1, self.limits.fetch_batch_cap()) as i64;
         let claimed = self.store.claim(worker, max).await?;
         let assignments: Vec<pb::Assignment> = claimed
             .into_iter()
@@ -154,23 +154,30 @@ impl WorkerService for Api {
             ))
             .into());
         }
+        let mut seen = std::collections::HashSet::new();
+        if let Some(dup) = r.results.iter().find(|res| !seen.insert(res.replica_id)) {
+            return Err(Error::InvalidArgument(format!(
+                "replica {} appears twice in one report",
+                dup.replica_id
+            ))
+            .into());
+        }
+        // A malformed result is refused on its own; the rest of the batch still counts.
+        let mut refused = Vec::new();
         let mut reports = Vec::with_capacity(r.results.len());
         for res in r.results {
             let outcome = match res.outcome {
-                Some(pb::replica_result::Outcome::Success(s)) => {
-                    // The server trusts no hash it did not compute.
-                    if s.output_hash != blake3::hash(&s.output).as_bytes() {
-                        return Err(Error::InvalidArgument(format!(
-                            "replica {}: output_hash is not the BLAKE3 of output",
-                            res.replica_id
-                        ))
-                        .into());
-                    }
-                    Outcome::Success {
-                        output: s.output,
-                        fuel_used: s.fuel_used.min(i64::MAX as u64) as i64,
-                    }
+                // The server trusts no hash it did not compute.
+                Some(pb::replica_result::Outcome::Success(s))
+                    if s.output_hash != blake3::hash(&s.output).as_bytes() =>
+                {
+                    refused.push((res.replica_id, "output_hash is not the BLAKE3 of output"));
+                    continue;
                 }
+                Some(pb::replica_result::Outcome::Success(s)) => Outcome::Success {
+                    output: s.output,
+                    fuel_used: s.fuel_used.min(i64::MAX as u64) as i64,
+                },
                 Some(pb::replica_result::Outcome::Failure(f)) => Outcome::Error {
                     kind: error_kind_name(f.kind()).to_string(),
                     message: f.message,
@@ -178,20 +185,26 @@ impl WorkerService for Api {
                 },
                 Some(pb::replica_result::Outcome::HandBack(_)) => Outcome::HandBack,
                 None => {
-                    return Err(Error::InvalidArgument(format!(
-                        "replica {}: no outcome",
-                        res.replica_id
-                    ))
-                    .into());
+                    refused.push((res.replica_id, "no outcome"));
+                    continue;
                 }
             };
+            let Ok(replica_id) = i64::try_from(res.replica_id) else {
+                refused.push((res.replica_id, "unknown replica"));
+                continue;
+            };
             reports.push(store::Report {
-                replica_id: id_of(res.replica_id, "replica_id")?,
+                replica_id,
                 outcome,
                 wall_micros: res.wall_micros.min(i64::MAX as u64) as i64,
             });
         }
-        let acks = self.store.report(worker, &reports).await?;
+        let mut acks = self.store.report(worker, &reports).await?;
+        acks.extend(refused.into_iter().map(|(id, why)| store::Ack {
+            replica_id: id as i64,
+            status: AckStatus::Rejected,
+            message: why.to_string(),
+        }));
         let acks = acks
             .into_iter()
             .map(|a| {
@@ -268,10 +281,17 @@ impl ResearchService for Api {
             ))
             .into());
         }
-        module_check::check(&r.wasm).map_err(Error::InvalidArgument)?;
-        let hash = *blake3::hash(&r.wasm).as_bytes();
-        let name: String = r.name.chars().take(200).collect();
-        let already_present = self.store.put_module(&hash, &r.wasm, &name).await?;
+        // Validating up to 32 MiB of wasm is CPU work: keep it off the async threads.
+        let (wasm, checked) = tokio::task::spawn_blocking(move || {
+            let checked = module_check::check(&r.wasm);
+            (r.wasm, checked)
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("module check panicked: {e}")))?;
+        checked.map_err(Error::InvalidArgument)?;
+        let hash = *blake3::hash(&wasm).as_bytes();
+        let name = store::clean_text(&r.name, 200);
+        let already_present = self.store.put_module(&hash, &wasm, &name).await?;
         Ok(Response::new(pb::PutModuleResponse {
             hash: hash.to_vec(),
             already_present,
@@ -321,8 +341,8 @@ impl ResearchService for Api {
         let (study_id, ids) = self
             .store
             .create_study(&NewStudy {
-                name: r.name.chars().take(200).collect(),
-                description: r.description.chars().take(4000).collect(),
+                name: store::clean_text(&r.name, 200),
+                description: store::clean_text(&r.description, 4000),
                 module_hash,
                 policy,
                 bounds,

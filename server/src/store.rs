@@ -582,7 +582,9 @@ impl Store {
         }
         let n = sqlx::query(
             "UPDATE work_units SET state = 'cancelled', unsent = 0, finished_at = now()
-             WHERE study_id = $1 AND state = 'pending'",
+             WHERE id IN (SELECT id FROM work_units WHERE study_id = $1 AND state = 'pending'
+                          ORDER BY id FOR UPDATE)
+               AND state = 'pending'",
         )
         .bind(study)
         .execute(&mut *tx)
@@ -668,9 +670,12 @@ impl Store {
 }
 
 /// The input as indexed parameters, when it is a JSON object.
+/// jsonb refuses the NUL character, so such an input is kept but not indexed as parameters.
 fn params_of(input: &[u8]) -> Option<String> {
     match serde_json::from_slice::<serde_json::Value>(input) {
-        Ok(v @ serde_json::Value::Object(_)) => Some(v.to_string()),
+        Ok(v @ serde_json::Value::Object(_)) => {
+            Some(v.to_string()).filter(|t| !t.contains("\\u0000"))
+        }
         _ => None,
     }
 }
@@ -824,7 +829,7 @@ async fn record(
             )
             .bind(row.id)
             .bind(kind)
-            .bind(truncate(message, 2000))
+            .bind(clean_text(message, 2000))
             .bind(fuel_used)
             .bind(report.wall_micros)
             .execute(&mut **tx)
@@ -859,11 +864,10 @@ async fn credit(
     Ok(())
 }
 
-fn truncate(s: &str, max: usize) -> &str {
-    match s.char_indices().nth(max) {
-        Some((i, _)) => &s[..i],
-        None => s,
-    }
+/// Text a worker sent, fit for a `text` column: at most `max` characters and no NUL, which
+/// PostgreSQL refuses (a refused value would fail the whole report, again on every retry).
+pub fn clean_text(s: &str, max: usize) -> String {
+    s.chars().filter(|&c| c != '\0').take(max).collect()
 }
 
 /// Runs the transitioner on each pending work unit among `ids` (all locked by the caller) and

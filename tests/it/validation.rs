@@ -76,16 +76,13 @@ async fn disagreement_waits_for_a_tie_breaker_and_marks_the_odd_one_invalid() {
     if let Some(pb::replica_result::Outcome::Success(s)) = &mut forged.outcome {
         s.output_hash = blake3::hash(&truth).as_bytes().to_vec();
     }
-    let err = app
-        .worker_client()
-        .await
-        .report_results(pb::ReportResultsRequest {
-            auth: Some(liar.clone()),
-            results: vec![forged],
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    let forged_ack = report(&app, &liar, forged).await;
+    assert_eq!(forged_ack.status(), pb::ReportStatus::Rejected);
+    assert!(
+        forged_ack.message.contains("BLAKE3"),
+        "{}",
+        forged_ack.message
+    );
     let wrong_token = pb::WorkerAuth {
         token: "x".into(),
         ..liar.clone()
@@ -217,5 +214,58 @@ async fn a_late_result_after_validation_is_checked_against_the_canonical_one() {
         .unwrap();
     assert_eq!(invalid, 1);
     assert_eq!(count(&app, "SELECT count(*) FROM findings").await, 1);
+    app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_the_database_refuses_never_poisons_a_report() {
+    let app = TestApp::spawn().await;
+    let p = pb::ReplicationPolicy {
+        max_error_results: 5,
+        ..policy(2)
+    };
+    app.submit(
+        accrete_tasks::TINY_MODEL,
+        tiny_model_inputs(2, 40),
+        p,
+        bounds(),
+    )
+    .await;
+    let w = app.register("nul\u{0}name").await;
+    let first = fetch_one(&app, &w).await;
+    let second = fetch_one(&app, &w).await;
+    let failure = pb::ReplicaResult {
+        replica_id: first.replica_id,
+        outcome: Some(pb::replica_result::Outcome::Failure(pb::Failure {
+            kind: pb::ErrorKind::Trap as i32,
+            message: "stderr with a \u{0} NUL".into(),
+            fuel_used: 1,
+        })),
+        wall_micros: 1,
+    };
+    assert_eq!(
+        report(&app, &w, failure).await.status(),
+        pb::ReportStatus::Accepted
+    );
+    // A metric name with NUL cannot be stored as jsonb: it is a bad output, not a stuck batch.
+    let nul_metric = br#"{"metrics":{"a\u0000":1}}"#;
+    assert_eq!(
+        report(&app, &w, success(second.replica_id, nul_metric))
+            .await
+            .status(),
+        pb::ReportStatus::Accepted
+    );
+    let kinds: Vec<String> =
+        sqlx::query_scalar("SELECT error_kind FROM replicas WHERE state = 'error' ORDER BY id")
+            .fetch_all(app.store.pool())
+            .await
+            .unwrap();
+    assert_eq!(kinds, ["trap", "bad_output"]);
+    let message: String = sqlx::query_scalar("SELECT error_message FROM replicas WHERE id = $1")
+        .bind(first.replica_id as i64)
+        .fetch_one(app.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(message, "stderr with a  NUL");
     app.shutdown().await;
 }

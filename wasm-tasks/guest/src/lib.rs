@@ -3,7 +3,12 @@
 //!
 //! A guest binary is one line:
 //!
-//! ```ignore
+//! ```no_run
+//! # mod my_task {
+//! #     pub fn run(input: serde_json::Value) -> accrete_guest::Output {
+//! #         accrete_guest::Output::new().metric("x", input["x"].as_f64().unwrap_or(0.0))
+//! #     }
+//! # }
 //! fn main() { accrete_guest::run(my_task::run) }
 //! ```
 //!

@@ -239,6 +239,9 @@ pub trait HasVirtualTime {
     fn virtual_time(&self) -> &VirtualTime;
 }
 
+/// Most subscriptions one `poll_oneoff` call may carry (real programs use a handful).
+pub const MAX_POLL_SUBSCRIPTIONS: usize = 1024;
+
 /// `wasi_snapshot_preview1.poll_oneoff`, replacing wasmtime-wasi's, which sleeps the host thread
 /// for as long as the guest asks (a guest could hold a slot for hours, out of reach of the
 /// epoch backstop, which only interrupts wasm code). Here stdin and stdout are memory, so fd
@@ -262,7 +265,9 @@ pub fn poll_oneoff<T: HasVirtualTime>(
         nevents_ptr as u32 as usize,
     );
     let nsubs = nsubs as u32 as usize;
-    if nsubs == 0 {
+    // The host builds one event per subscription, outside the guest's memory limit and fuel:
+    // a cap keeps a hostile call from costing the host gigabytes or unmetered time.
+    if nsubs == 0 || nsubs > MAX_POLL_SUBSCRIPTIONS {
         return ERRNO_INVAL;
     }
     let Some(subs) = nsubs
