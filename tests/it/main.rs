@@ -2,6 +2,7 @@
 //! gRPC sockets, and workers running the real wasmtime sandbox (in-process or as processes).
 
 mod bad_input;
+mod cross_arch;
 mod devdb;
 mod e2e;
 mod faults;

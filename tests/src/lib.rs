@@ -210,6 +210,34 @@ impl TestApp {
         self.processes.len() - 1
     }
 
+    /// Starts a worker as a process from any command that ends in the `accrete-worker` command
+    /// line, e.g. a cross-built binary behind an emulator (`qemu-aarch64 -L SYSROOT BINARY`);
+    /// the worker flags are appended to `args`. Returns its index, as `start_worker_process`.
+    pub fn start_worker_command(
+        &mut self,
+        program: &str,
+        args: &[&str],
+        name: &str,
+        slots: usize,
+    ) -> usize {
+        let child = Command::new(program)
+            .args(args)
+            .args([
+                "--server",
+                &self.server_url,
+                "--name",
+                name,
+                "--slots",
+                &slots.to_string(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(log_stdio())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting worker {name} with {program} {args:?}: {e}"));
+        self.processes.push(child);
+        self.processes.len() - 1
+    }
+
     /// Kills a worker process with SIGKILL: no chance to report or hand anything back.
     pub fn kill_worker_process(&mut self, index: usize) {
         let child = &mut self.processes[index];
