@@ -67,6 +67,8 @@ pub struct NewStudy {
     pub description: String,
     pub module_hash: [u8; 32],
     pub policy: Policy,
+    /// Numeric tolerance on named metrics; `None` compares outputs by BLAKE3 hash.
+    pub tolerance: Option<scheduler::Tolerance>,
     pub bounds: Bounds,
     pub inputs: Vec<Vec<u8>>,
 }
@@ -80,6 +82,41 @@ pub struct NewWorker {
     pub cores: i32,
     pub memory_bytes: i64,
     pub runtime: String,
+    /// The volunteer account the worker belongs to; no two of its workers get replicas of one
+    /// work unit.
+    pub account: Option<String>,
+}
+
+/// Whether a worker may be handed work now, and if not, why.
+#[derive(Debug, Clone, FromRow)]
+pub struct Standing {
+    pub blocked: bool,
+    /// Replicas it may still take today (UTC).
+    pub quota_left: i32,
+    pub daily_quota: i32,
+    /// When today's quota count starts again (the next UTC midnight), seconds since the epoch.
+    pub resets_unix: i64,
+    /// The same, as "YYYY-MM-DD HH:MM UTC".
+    pub resets_at: String,
+}
+
+/// A worker's reputation, as the trust engine sees it.
+#[derive(Debug, Clone, FromRow)]
+pub struct Reputation {
+    pub account: Option<String>,
+    pub valid_count: i64,
+    pub invalid_count: i64,
+    pub error_count: i64,
+    pub timeout_count: i64,
+    pub consecutive_valid: i64,
+    pub daily_quota: i32,
+    pub blocked: bool,
+}
+
+impl Reputation {
+    pub fn error_rate(&self) -> f64 {
+        scheduler::error_rate(self.valid_count, self.invalid_count)
+    }
 }
 
 /// A replica just handed to a worker, with what it needs to run it.
@@ -166,6 +203,8 @@ pub struct FindingRow {
     pub dissenting: i32,
     pub created_unix: i64,
     pub output: Option<Vec<u8>>,
+    pub platforms: Vec<String>,
+    pub unreplicated: bool,
 }
 
 #[derive(Debug, FromRow)]
@@ -209,6 +248,8 @@ struct LockedWu {
     max_total_results: i32,
     max_success_results: i32,
     delay_bound_secs: i32,
+    adaptive: bool,
+    tolerance: Option<sqlx::types::Json<scheduler::Tolerance>>,
     output_bytes: i64,
     unsent: i32,
     n_issued: i32,
@@ -228,6 +269,7 @@ impl LockedWu {
             max_total_results: self.max_total_results,
             max_success_results: self.max_success_results,
             delay_bound_secs: self.delay_bound_secs,
+            adaptive: self.adaptive,
         }
     }
 }
@@ -242,18 +284,41 @@ struct ReplicaRow {
     output: Option<Vec<u8>>,
     error_kind: Option<String>,
     error_message: Option<String>,
+    solo: bool,
+    platform: String,
+    /// The worker's counts now, for its estimated error rate.
+    valid_count: i64,
+    invalid_count: i64,
 }
 
 const LOCK_WUS: &str = "
     SELECT w.id, w.state, w.min_quorum, w.target_nresults, w.max_error_results,
-           w.max_total_results, w.max_success_results, w.delay_bound_secs, w.output_bytes,
+           w.max_total_results, w.max_success_results, w.delay_bound_secs, w.adaptive,
+           w.tolerance, w.output_bytes,
            w.unsent, w.n_issued, w.study_id, w.module_hash, w.input_hash, w.params,
            (SELECT r.output_hash FROM replicas r WHERE r.id = w.canonical_replica_id) AS canonical_hash
     FROM work_units w WHERE w.id = ANY($1) ORDER BY w.id FOR UPDATE";
 
 const REPLICAS_OF: &str = "
-    SELECT id, wu_id, worker_id, state, output_hash, output, error_kind, error_message
-    FROM replicas WHERE wu_id = ANY($1) ORDER BY id";
+    SELECT r.id, r.wu_id, r.worker_id, r.state, r.output_hash, r.output, r.error_kind,
+           r.error_message, r.solo, r.platform, k.valid_count, k.invalid_count
+    FROM replicas r JOIN workers k ON k.id = r.worker_id WHERE r.wu_id = ANY($1) ORDER BY r.id";
+
+/// Reputation updates. A valid result extends the streak and grows the daily quota back; an
+/// invalid or error result ends the streak and halves the quota; a timeout halves the quota.
+/// $2 and $3 are `scheduler::QUOTA_STEP` and `QUOTA_MAX`.
+const CREDIT_VALID: &str = "
+    UPDATE workers SET valid_count = valid_count + 1, consecutive_valid = consecutive_valid + 1,
+                       daily_quota = LEAST(daily_quota + $2, $3)
+    WHERE id = ANY($1)";
+const CREDIT_INVALID: &str = "
+    UPDATE workers SET invalid_count = invalid_count + 1, consecutive_valid = 0,
+                       daily_quota = GREATEST(daily_quota / 2, 1)
+    WHERE id = ANY($1)";
+const CREDIT_ERROR: &str = "
+    UPDATE workers SET error_count = error_count + 1, consecutive_valid = 0,
+                       daily_quota = GREATEST(daily_quota / 2, 1)
+    WHERE id = ANY($1)";
 
 impl Store {
     /// Connects, and applies the embedded migrations.
@@ -307,8 +372,8 @@ impl Store {
 
     pub async fn register_worker(&self, w: &NewWorker) -> Result<(), Error> {
         sqlx::query(
-            "INSERT INTO workers (id, token_hash, name, arch, os, cores, memory_bytes, runtime)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            "INSERT INTO workers (id, token_hash, name, arch, os, cores, memory_bytes, runtime, account)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
         )
         .bind(w.id)
         .bind(&w.token_hash[..])
@@ -318,9 +383,49 @@ impl Store {
         .bind(w.cores)
         .bind(w.memory_bytes)
         .bind(&w.runtime)
+        .bind(&w.account)
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    /// Whether a worker is blocked, and what is left of its daily quota.
+    pub async fn standing(&self, worker: Uuid) -> Result<Option<Standing>, Error> {
+        Ok(sqlx::query_as::<_, Standing>(
+            "SELECT blocked, daily_quota,
+                    GREATEST(daily_quota - CASE WHEN quota_day = (now() AT TIME ZONE 'UTC')::date
+                                                THEN quota_used ELSE 0 END, 0) AS quota_left,
+                    extract(epoch FROM (((now() AT TIME ZONE 'UTC')::date + 1)::timestamp
+                                        AT TIME ZONE 'UTC'))::bigint AS resets_unix,
+                    to_char((now() AT TIME ZONE 'UTC')::date + 1, 'YYYY-MM-DD') || ' 00:00 UTC'
+                        AS resets_at
+             FROM workers WHERE id = $1",
+        )
+        .bind(worker)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    pub async fn reputation(&self, worker: Uuid) -> Result<Option<Reputation>, Error> {
+        Ok(sqlx::query_as::<_, Reputation>(
+            "SELECT account, valid_count, invalid_count, error_count, timeout_count,
+                    consecutive_valid, daily_quota, blocked
+             FROM workers WHERE id = $1",
+        )
+        .bind(worker)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    /// An operator's block (or unblock): a blocked worker is refused work.
+    pub async fn set_blocked(&self, worker: Uuid, blocked: bool) -> Result<bool, Error> {
+        Ok(sqlx::query("UPDATE workers SET blocked = $2 WHERE id = $1")
+            .bind(worker)
+            .bind(blocked)
+            .execute(&self.pool)
+            .await?
+            .rows_affected()
+            == 1)
     }
 
     pub async fn worker_token_hash(&self, id: Uuid) -> Result<Option<Vec<u8>>, Error> {
@@ -364,9 +469,9 @@ impl Store {
                 "INSERT INTO work_units (study_id, module_hash, input, input_hash, params,
                      min_quorum, target_nresults, max_error_results, max_total_results,
                      max_success_results, delay_bound_secs, fuel, memory_bytes, output_bytes,
-                     wall_ms, unsent)
+                     wall_ms, unsent, adaptive, tolerance)
                  SELECT $1, $2, t.input, t.hash, t.params::jsonb, $6, $7, $8, $9, $10, $11,
-                        $12, $13, $14, $15, $7
+                        $12, $13, $14, $15, $7, $16, $17
                  FROM UNNEST($3::bytea[], $4::bytea[], $5::text[]) AS t(input, hash, params)
                  RETURNING id",
             )
@@ -385,6 +490,8 @@ impl Store {
             .bind(b.memory_bytes)
             .bind(b.output_bytes)
             .bind(b.wall_ms)
+            .bind(p.adaptive)
+            .bind(s.tolerance.as_ref().map(sqlx::types::Json))
             .fetch_all(&mut *tx)
             .await?;
             // Ids come from one sequence in insertion order, which is the input order.
@@ -395,29 +502,62 @@ impl Store {
         Ok((study_id, ids))
     }
 
-    /// Hands up to `max` replicas to a worker in one statement: locks work units that still want
-    /// replicas and that this worker holds none of, skipping units another claim has locked.
+    /// Hands up to `max` replicas to a worker in one statement. It locks the worker's row (so
+    /// its daily quota is counted exactly), looks at the next pending work units that still want
+    /// replicas and that neither this worker nor any worker of its account holds (locking them,
+    /// skipping units another claim has locked), prefers among them units with no replica on
+    /// this worker's platform yet (cross-platform validation), and takes at most what is left of
+    /// the quota. Adaptive replication happens here too: when a trusted worker takes the first
+    /// replica of an adaptive unit and the spot-check draw says no, the same statement sets the
+    /// unit's `unsent` to 0 and marks the replica `solo`, so nothing else is issued unless that
+    /// replica fails. A blocked or over-quota worker gets nothing; [`Store::standing`] says why.
     pub async fn claim(&self, worker: Uuid, max: i64) -> Result<Vec<Claimed>, Error> {
         Ok(sqlx::query_as::<_, Claimed>(
-            "WITH picked AS (
-                 SELECT w.id FROM work_units w
+            "WITH me AS (
+                 SELECT k.id, k.account, k.arch || '/' || k.os AS platform,
+                        GREATEST(LEAST($2, k.daily_quota::bigint
+                            - CASE WHEN k.quota_day = (now() AT TIME ZONE 'UTC')::date
+                                   THEN k.quota_used ELSE 0 END), 0) AS allowed,
+                        CASE WHEN k.consecutive_valid >= $3
+                                  AND (k.invalid_count + $5)::float8
+                                      / (k.valid_count + k.invalid_count + $5 + $6) <= $4
+                             THEN 1.0 / k.consecutive_valid ELSE 1.0 END AS spot_check
+                 FROM workers k WHERE k.id = $1 AND NOT k.blocked
+                 FOR UPDATE
+             ), candidates AS (
+                 SELECT w.id, w.adaptive, w.n_issued FROM work_units w
                  WHERE w.state = 'pending' AND w.unsent > 0
-                   AND NOT EXISTS (SELECT 1 FROM replicas r WHERE r.wu_id = w.id AND r.worker_id = $1)
+                   AND NOT EXISTS (SELECT 1 FROM replicas r, me WHERE r.wu_id = w.id
+                                   AND (r.worker_id = $1 OR r.account = me.account))
                  ORDER BY w.id
-                 LIMIT $2
+                 LIMIT 4 * (SELECT allowed FROM me)
                  FOR UPDATE SKIP LOCKED
+             ), picked AS (
+                 SELECT c.id, c.adaptive AND c.n_issued = 0 AND random() >= me.spot_check AS solo
+                 FROM candidates c CROSS JOIN me
+                 ORDER BY EXISTS (SELECT 1 FROM replicas r
+                                  WHERE r.wu_id = c.id AND r.platform = me.platform), c.id
+                 LIMIT (SELECT allowed FROM me)
              ), taken AS (
-                 UPDATE work_units w SET unsent = w.unsent - 1, n_issued = w.n_issued + 1
-                 FROM picked WHERE w.id = picked.id
+                 UPDATE work_units w
+                 SET unsent = CASE WHEN p.solo THEN 0 ELSE w.unsent - 1 END,
+                     n_issued = w.n_issued + 1
+                 FROM picked p WHERE w.id = p.id
                  RETURNING w.id, w.module_hash, w.input, w.input_hash, w.fuel, w.memory_bytes,
-                           w.output_bytes, w.wall_ms, w.delay_bound_secs
+                           w.output_bytes, w.wall_ms, w.delay_bound_secs, p.solo
              ), made AS (
-                 INSERT INTO replicas (wu_id, worker_id, platform, deadline)
-                 SELECT t.id, $1,
-                        (SELECT k.arch || '/' || k.os FROM workers k WHERE k.id = $1),
-                        now() + make_interval(secs => t.delay_bound_secs)
-                 FROM taken t
+                 INSERT INTO replicas (wu_id, worker_id, account, platform, deadline, solo)
+                 SELECT t.id, $1, me.account, me.platform,
+                        now() + make_interval(secs => t.delay_bound_secs), t.solo
+                 FROM taken t CROSS JOIN me
                  RETURNING id, wu_id, deadline
+             ), counted AS (
+                 UPDATE workers k
+                 SET quota_used = (CASE WHEN k.quota_day = (now() AT TIME ZONE 'UTC')::date
+                                        THEN k.quota_used ELSE 0 END)
+                                  + (SELECT count(*) FROM taken),
+                     quota_day = (now() AT TIME ZONE 'UTC')::date
+                 WHERE k.id = $1 AND EXISTS (SELECT 1 FROM taken)
              )
              SELECT m.id AS replica_id, t.id AS wu_id, t.module_hash, t.input, t.input_hash,
                     t.fuel, t.memory_bytes, t.output_bytes, t.wall_ms,
@@ -427,6 +567,10 @@ impl Store {
         )
         .bind(worker)
         .bind(max)
+        .bind(scheduler::TRUST_AFTER_CONSECUTIVE_VALID)
+        .bind(scheduler::TRUST_MAX_ERROR_RATE)
+        .bind(scheduler::PRIOR_WRONG)
+        .bind(scheduler::PRIOR_RIGHT)
         .fetch_all(&self.pool)
         .await?)
     }
@@ -512,7 +656,8 @@ impl Store {
         .fetch_all(&mut *tx)
         .await?;
         sqlx::query(
-            "UPDATE workers w SET timeout_count = w.timeout_count + c.n
+            "UPDATE workers w SET timeout_count = w.timeout_count + c.n,
+                                  daily_quota = GREATEST(w.daily_quota >> LEAST(c.n, 30)::int, 1)
              FROM (SELECT id, count(*) AS n FROM UNNEST($1::uuid[]) AS id GROUP BY id) c
              WHERE w.id = c.id",
         )
@@ -606,7 +751,7 @@ impl Store {
             () => {
                 "SELECT id, study_id, wu_id, module_hash, input_hash, output_hash, metrics, params,
                         confidence, dissenting, extract(epoch FROM created_at)::bigint AS created_unix,
-                        NULL::bytea AS output
+                        NULL::bytea AS output, platforms, unreplicated
                  FROM findings WHERE ($1::bigint IS NULL OR study_id = $1)"
             };
         }
@@ -634,7 +779,7 @@ impl Store {
         Ok(sqlx::query_as::<_, FindingRow>(
             "SELECT id, study_id, wu_id, module_hash, input_hash, output_hash, metrics, params,
                     confidence, dissenting, extract(epoch FROM created_at)::bigint AS created_unix,
-                    output
+                    output, platforms, unreplicated
              FROM findings WHERE id = $1",
         )
         .bind(id)
@@ -829,10 +974,11 @@ async fn record(
             .bind(report.wall_micros)
             .execute(&mut **tx)
             .await?;
-            sqlx::query("UPDATE workers SET error_count = error_count + 1 WHERE id = $1")
-                .bind(row.worker_id)
+            sqlx::query(CREDIT_ERROR)
+                .bind(vec![row.worker_id])
                 .execute(&mut **tx)
                 .await?;
+
             ReplicaState::Error
         }
     };
@@ -848,14 +994,27 @@ async fn credit(
     worker: Uuid,
     verdict: ValidateState,
 ) -> Result<(), Error> {
-    let sql = match verdict {
-        ValidateState::Valid => "UPDATE workers SET valid_count = valid_count + 1 WHERE id = $1",
-        ValidateState::Invalid => {
-            "UPDATE workers SET invalid_count = invalid_count + 1 WHERE id = $1"
-        }
+    credit_all(tx, &[worker], verdict).await
+}
+
+/// Applies one verdict to the reputation of each of `workers` (once per occurrence).
+async fn credit_all(
+    tx: &mut Transaction<'static, Postgres>,
+    workers: &[Uuid],
+    verdict: ValidateState,
+) -> Result<(), Error> {
+    if workers.is_empty() {
+        return Ok(());
+    }
+    let query = match verdict {
+        ValidateState::Valid => sqlx::query(CREDIT_VALID)
+            .bind(workers.to_vec())
+            .bind(scheduler::QUOTA_STEP)
+            .bind(scheduler::QUOTA_MAX),
+        ValidateState::Invalid => sqlx::query(CREDIT_INVALID).bind(workers.to_vec()),
         ValidateState::Init | ValidateState::Inconclusive => return Ok(()),
     };
-    sqlx::query(sql).bind(worker).execute(&mut **tx).await?;
+    query.execute(&mut **tx).await?;
     Ok(())
 }
 
@@ -888,7 +1047,10 @@ async fn transition(
     for id in pending {
         let wu = &wus[&id];
         let rows = by_wu.remove(&id).unwrap_or_default();
-        let views: Vec<ReplicaView> = rows.iter().map(view).collect();
+        let mut views: Vec<ReplicaView> = rows.iter().map(view).collect();
+        if let Some(tol) = &wu.tolerance {
+            compare_within(&tol.0, &rows, &mut views);
+        }
         match scheduler::decide(&wu.policy(), wu.n_issued, wu.unsent, &views) {
             Decision::Wait { unsent } => {
                 if unsent != wu.unsent {
@@ -938,7 +1100,36 @@ fn view(r: &ReplicaRow) -> ReplicaView {
         )),
         ReplicaState::TimedOut | ReplicaState::HandedBack => ReplicaOutcome::Lost,
     };
-    ReplicaView { id: r.id, outcome }
+    ReplicaView {
+        id: r.id,
+        outcome,
+        solo: r.solo,
+    }
+}
+
+/// Under a study's tolerance, replaces each success's hash by that of the first earlier
+/// success it agrees with, so `decide` groups agreeing outputs as if they were equal.
+fn compare_within(tol: &scheduler::Tolerance, rows: &[ReplicaRow], views: &mut [ReplicaView]) {
+    let successes: Vec<(
+        usize,
+        scheduler::ReplicaOutcome,
+        accrete_proto::output::Metrics,
+    )> = rows
+        .iter()
+        .zip(views.iter())
+        .enumerate()
+        .filter_map(|(i, (r, v))| {
+            let metrics = parse_metrics(r.output.as_deref()?).ok()?;
+            matches!(v.outcome, ReplicaOutcome::Success(_)).then(|| (i, v.outcome.clone(), metrics))
+        })
+        .collect();
+    let metrics: Vec<_> = successes.iter().map(|s| s.2.clone()).collect();
+    for (k, rep) in scheduler::tolerance_groups(tol, &metrics)
+        .into_iter()
+        .enumerate()
+    {
+        views[successes[k].0].outcome = successes[rep].1.clone();
+    }
 }
 
 /// Settles a work unit on its canonical replica: marks verdicts, credits workers, records the
@@ -973,18 +1164,34 @@ async fn validate(
     verdict(invalid, ValidateState::Invalid)
         .execute(&mut **tx)
         .await?;
-    for (ids, column) in [(valid, "valid"), (invalid, "invalid")] {
+    // An unreplicated result was checked against nothing: it earns its worker no credit.
+    let unreplicated = valid.len() == 1 && canon.solo;
+    // Confidence rests on the workers' reputations before this verdict counts.
+    let voters: Vec<scheduler::Voter> = rows
+        .iter()
+        .filter(|r| valid.contains(&r.id))
+        .map(|r| scheduler::Voter {
+            error_rate: scheduler::error_rate(r.valid_count, r.invalid_count),
+            platform: r.platform.clone(),
+        })
+        .collect();
+    let confidence = scheduler::confidence(&voters);
+    let mut platforms: Vec<String> = voters.iter().map(|v| v.platform.clone()).collect();
+    platforms.sort_unstable();
+    platforms.dedup();
+    for (ids, verdict) in [
+        (valid, ValidateState::Valid),
+        (invalid, ValidateState::Invalid),
+    ] {
+        if unreplicated && verdict == ValidateState::Valid {
+            continue;
+        }
         let workers: Vec<Uuid> = rows
             .iter()
             .filter(|r| ids.contains(&r.id))
             .map(|r| r.worker_id)
             .collect();
-        let sql = if column == "valid" {
-            "UPDATE workers SET valid_count = valid_count + 1 WHERE id = ANY($1)"
-        } else {
-            "UPDATE workers SET invalid_count = invalid_count + 1 WHERE id = ANY($1)"
-        };
-        sqlx::query(sql).bind(&workers).execute(&mut **tx).await?;
+        credit_all(tx, &workers, verdict).await?;
     }
     sqlx::query(
         "UPDATE work_units SET state = 'validated', canonical_replica_id = $2, unsent = 0, finished_at = now()
@@ -996,8 +1203,8 @@ async fn validate(
     .await?;
     sqlx::query(
         "INSERT INTO findings (wu_id, study_id, module_hash, input_hash, output_hash, output, metrics,
-             params, confidence, agreeing_replicas, dissenting)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+             params, confidence, agreeing_replicas, dissenting, platforms, unreplicated)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
     )
     .bind(wu.id)
     .bind(wu.study_id)
@@ -1007,9 +1214,11 @@ async fn validate(
     .bind(&output)
     .bind(sqlx::types::Json(&metrics))
     .bind(&wu.params)
-    .bind(scheduler::confidence(valid.len()))
+    .bind(confidence)
     .bind(valid.to_vec())
     .bind(invalid.len() as i32)
+    .bind(&platforms)
+    .bind(unreplicated)
     .execute(&mut **tx)
     .await?;
     sqlx::query("UPDATE replicas SET output = NULL WHERE wu_id = $1 AND output IS NOT NULL")

@@ -226,6 +226,7 @@ impl TestApp {
             .await
             .register(pb::RegisterRequest {
                 name: name.into(),
+                account: String::new(),
                 platform: Some(pb::Platform {
                     arch: "x86_64".into(),
                     os: "linux".into(),
@@ -260,6 +261,7 @@ impl TestApp {
                 module_hash,
                 policy: Some(policy),
                 bounds: Some(bounds),
+                tolerance: vec![],
                 work_units: inputs
                     .into_iter()
                     .map(|input| pb::WorkUnitSpec { input })
