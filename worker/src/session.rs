@@ -327,3 +327,22 @@ pub(crate) fn hostname() -> String {
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_else(|| "unknown".to_owned())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_exhausted_quota_is_waited_out_and_a_block_is_final() {
+        let quota = Status::resource_exhausted("daily quota used; it resets at ...");
+        assert!(matches!(
+            verdict(Rpc::FetchWork, &quota),
+            Verdict::Transient
+        ));
+        let blocked = Status::permission_denied("this worker is blocked");
+        assert!(matches!(
+            verdict(Rpc::FetchWork, &blocked),
+            Verdict::Refused
+        ));
+    }
+}
