@@ -216,6 +216,22 @@ pub struct AgreeingRow {
     pub fuel_used: i64,
 }
 
+/// How one work unit ended; see [`Store::study_outcomes`].
+#[derive(Debug, FromRow)]
+pub struct WuOutcome {
+    pub wu_id: i64,
+    pub input: Vec<u8>,
+    pub state: WuState,
+    /// The finding's output hash, if it validated.
+    pub output_hash: Option<Vec<u8>>,
+    pub confidence: Option<f64>,
+    pub unreplicated: Option<bool>,
+    /// Replicas ever issued.
+    pub replicas: i64,
+    /// Seconds from its first replica to validation or failure.
+    pub secs: Option<f64>,
+}
+
 #[derive(Debug, FromRow)]
 pub struct FailureRow {
     pub wu_id: i64,
@@ -304,21 +320,91 @@ const REPLICAS_OF: &str = "
            r.error_message, r.solo, r.platform, k.valid_count, k.invalid_count
     FROM replicas r JOIN workers k ON k.id = r.worker_id WHERE r.wu_id = ANY($1) ORDER BY r.id";
 
-/// Reputation updates. A valid result extends the streak and grows the daily quota back; an
-/// invalid or error result ends the streak and halves the quota; a timeout halves the quota.
-/// $2 and $3 are `scheduler::QUOTA_STEP` and `QUOTA_MAX`.
+/// Reputation updates, one statement per kind over `$1` (worker ids, one per result, so a
+/// worker with three results in a batch counts three). A valid result extends the streak and
+/// grows the daily quota back by `$2` up to `$3`; an invalid or error result ends the streak
+/// and halves the quota; a timeout halves the quota. Never below 1.
 const CREDIT_VALID: &str = "
-    UPDATE workers SET valid_count = valid_count + 1, consecutive_valid = consecutive_valid + 1,
-                       daily_quota = LEAST(daily_quota + $2, $3)
-    WHERE id = ANY($1)";
+    UPDATE workers w SET valid_count = w.valid_count + c.n,
+                         consecutive_valid = w.consecutive_valid + c.n,
+                         daily_quota = LEAST(w.daily_quota + $2 * c.n, $3)
+    FROM (SELECT id, count(*)::int AS n FROM UNNEST($1::uuid[]) AS id GROUP BY id) c
+    WHERE w.id = c.id";
 const CREDIT_INVALID: &str = "
-    UPDATE workers SET invalid_count = invalid_count + 1, consecutive_valid = 0,
-                       daily_quota = GREATEST(daily_quota / 2, 1)
-    WHERE id = ANY($1)";
+    UPDATE workers w SET invalid_count = w.invalid_count + c.n, consecutive_valid = 0,
+                         daily_quota = GREATEST(w.daily_quota >> LEAST(c.n, 30), 1)
+    FROM (SELECT id, count(*)::int AS n FROM UNNEST($1::uuid[]) AS id GROUP BY id) c
+    WHERE w.id = c.id";
 const CREDIT_ERROR: &str = "
-    UPDATE workers SET error_count = error_count + 1, consecutive_valid = 0,
-                       daily_quota = GREATEST(daily_quota / 2, 1)
-    WHERE id = ANY($1)";
+    UPDATE workers w SET error_count = w.error_count + c.n, consecutive_valid = 0,
+                         daily_quota = GREATEST(w.daily_quota >> LEAST(c.n, 30), 1)
+    FROM (SELECT id, count(*)::int AS n FROM UNNEST($1::uuid[]) AS id GROUP BY id) c
+    WHERE w.id = c.id";
+const CREDIT_TIMEOUT: &str = "
+    UPDATE workers w SET timeout_count = w.timeout_count + c.n,
+                         daily_quota = GREATEST(w.daily_quota >> LEAST(c.n, 30), 1)
+    FROM (SELECT id, count(*)::int AS n FROM UNNEST($1::uuid[]) AS id GROUP BY id) c
+    WHERE w.id = c.id";
+
+/// What one result did to its worker's reputation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Credit {
+    Valid,
+    Invalid,
+    Error,
+    Timeout,
+}
+
+/// Reputation changes gathered during a transaction and applied at its end, after locking the
+/// workers' rows in id order: reports and the rescuer touch many workers, and locking them in
+/// one order (always after the work units) keeps transactions from deadlocking.
+#[derive(Default)]
+struct Credits(Vec<(Uuid, Credit)>);
+
+impl Credits {
+    fn add(&mut self, worker: Uuid, credit: Credit) {
+        self.0.push((worker, credit));
+    }
+
+    fn verdict(&mut self, worker: Uuid, verdict: ValidateState) {
+        match verdict {
+            ValidateState::Valid => self.add(worker, Credit::Valid),
+            ValidateState::Invalid => self.add(worker, Credit::Invalid),
+            ValidateState::Init | ValidateState::Inconclusive => {}
+        }
+    }
+
+    /// Valid results first, so a batch holding both ends with the streak broken.
+    async fn apply(self, tx: &mut Transaction<'static, Postgres>) -> Result<(), Error> {
+        if self.0.is_empty() {
+            return Ok(());
+        }
+        let mut ids: Vec<Uuid> = self.0.iter().map(|c| c.0).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        sqlx::query("SELECT id FROM workers WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+            .bind(&ids)
+            .execute(&mut **tx)
+            .await?;
+        for (kind, sql) in [
+            (Credit::Valid, CREDIT_VALID),
+            (Credit::Invalid, CREDIT_INVALID),
+            (Credit::Error, CREDIT_ERROR),
+            (Credit::Timeout, CREDIT_TIMEOUT),
+        ] {
+            let workers: Vec<Uuid> = self.0.iter().filter(|c| c.1 == kind).map(|c| c.0).collect();
+            if workers.is_empty() {
+                continue;
+            }
+            let mut q = sqlx::query(sql).bind(workers);
+            if kind == Credit::Valid {
+                q = q.bind(scheduler::QUOTA_STEP).bind(scheduler::QUOTA_MAX);
+            }
+            q.execute(&mut **tx).await?;
+        }
+        Ok(())
+    }
+}
 
 impl Store {
     /// Connects, and applies the embedded migrations.
@@ -578,6 +664,10 @@ impl Store {
     /// Records a batch of results from one worker, then moves each touched work unit on. One
     /// transaction: either every acknowledged result is durable or none is.
     pub async fn report(&self, worker: Uuid, reports: &[Report]) -> Result<Vec<Ack>, Error> {
+        retry_deadlocks(|| self.report_once(worker, reports)).await
+    }
+
+    async fn report_once(&self, worker: Uuid, reports: &[Report]) -> Result<Vec<Ack>, Error> {
         let ids: Vec<i64> = reports.iter().map(|r| r.replica_id).collect();
         // Which work units these replicas belong to, to lock them first (in id order, as every
         // path does, so two transactions never wait on each other in a cycle).
@@ -596,6 +686,7 @@ impl Store {
 
         let mut acks = Vec::with_capacity(reports.len());
         let mut touched = Vec::new();
+        let mut credits = Credits::default();
         for report in reports {
             let ack = |status, message: &str| Ack {
                 replica_id: report.replica_id,
@@ -611,7 +702,7 @@ impl Store {
                 continue;
             }
             let wu = &wus[&row.wu_id];
-            let recorded = record(&mut tx, wu, &row, report).await?;
+            let recorded = record(&mut tx, wu, &row, report, &mut credits).await?;
             if recorded.status == AckStatus::Accepted {
                 touched.push(row.wu_id);
                 // Keep the in-memory view current for a second report of the same replica.
@@ -627,13 +718,18 @@ impl Store {
         }
         touched.sort_unstable();
         touched.dedup();
-        transition(&mut tx, &wus, &touched).await?;
+        transition(&mut tx, &wus, &touched, &mut credits).await?;
+        credits.apply(&mut tx).await?;
         tx.commit().await?;
         Ok(acks)
     }
 
     /// Times out replicas past their deadline and reissues their work; returns how many.
     pub async fn rescue_expired(&self, limit: i64) -> Result<u64, Error> {
+        retry_deadlocks(|| self.rescue_once(limit)).await
+    }
+
+    async fn rescue_once(&self, limit: i64) -> Result<u64, Error> {
         let wu_ids: Vec<i64> = sqlx::query_scalar(
             "SELECT DISTINCT wu_id FROM (
                  SELECT wu_id FROM replicas WHERE state = 'in_progress' AND deadline < now()
@@ -655,16 +751,12 @@ impl Store {
         .bind(&wu_ids)
         .fetch_all(&mut *tx)
         .await?;
-        sqlx::query(
-            "UPDATE workers w SET timeout_count = w.timeout_count + c.n,
-                                  daily_quota = GREATEST(w.daily_quota >> LEAST(c.n, 30)::int, 1)
-             FROM (SELECT id, count(*) AS n FROM UNNEST($1::uuid[]) AS id GROUP BY id) c
-             WHERE w.id = c.id",
-        )
-        .bind(&timed_out)
-        .execute(&mut *tx)
-        .await?;
-        transition(&mut tx, &wus, &wu_ids).await?;
+        let mut credits = Credits::default();
+        for w in &timed_out {
+            credits.add(*w, Credit::Timeout);
+        }
+        transition(&mut tx, &wus, &wu_ids, &mut credits).await?;
+        credits.apply(&mut tx).await?;
         tx.commit().await?;
         Ok(timed_out.len() as u64)
     }
@@ -800,6 +892,23 @@ impl Store {
         .await?)
     }
 
+    /// Every work unit of a study with how it ended: its finding (if any), how many replicas
+    /// it took and how long from its first replica to its end. For the adversarial simulation
+    /// and operators' reports.
+    pub async fn study_outcomes(&self, study: i64) -> Result<Vec<WuOutcome>, Error> {
+        Ok(sqlx::query_as::<_, WuOutcome>(
+            "SELECT w.id AS wu_id, w.input, w.state, f.output_hash, f.confidence, f.unreplicated,
+                    w.n_issued::bigint AS replicas,
+                    extract(epoch FROM (w.finished_at - (SELECT min(r.issued_at) FROM replicas r
+                                                         WHERE r.wu_id = w.id)))::float8 AS secs
+             FROM work_units w LEFT JOIN findings f ON f.wu_id = w.id
+             WHERE w.study_id = $1 ORDER BY w.id",
+        )
+        .bind(study)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     pub async fn failures(&self, study: i64, limit: i64) -> Result<Vec<FailureRow>, Error> {
         Ok(sqlx::query_as::<_, FailureRow>(
             "SELECT id AS wu_id, fail_reason AS reason, params FROM work_units
@@ -809,6 +918,30 @@ impl Store {
         .bind(limit)
         .fetch_all(&self.pool)
         .await?)
+    }
+}
+
+/// Runs a transaction again (a few times) when PostgreSQL broke a deadlock by aborting it.
+/// Work units and then workers are locked in id order, which should make deadlocks impossible;
+/// under heavy concurrent reporting PostgreSQL still reported some, so as a safety net the
+/// aborted transaction (which changed nothing) is simply run again.
+async fn retry_deadlocks<T, F, Fut>(mut attempt: F) -> Result<T, Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, Error>>,
+{
+    let mut tries = 0;
+    loop {
+        match attempt().await {
+            Err(Error::Database(sqlx::Error::Database(e)))
+                if tries < 5 && matches!(e.code().as_deref(), Some("40P01" | "40001")) =>
+            {
+                tries += 1;
+                tracing::debug!(tries, "transaction aborted by a deadlock; retrying");
+                tokio::time::sleep(Duration::from_millis(5 * tries)).await;
+            }
+            other => return other,
+        }
     }
 }
 
@@ -856,6 +989,7 @@ async fn record(
     wu: &LockedWu,
     row: &ReplicaRow,
     report: &Report,
+    credits: &mut Credits,
 ) -> Result<Recorded, Error> {
     let done = |status, message: &str| Recorded {
         status,
@@ -954,7 +1088,7 @@ async fn record(
             .bind(validate_state)
             .execute(&mut **tx)
             .await?;
-            credit(tx, row.worker_id, validate_state).await?;
+            credits.verdict(row.worker_id, validate_state);
             ReplicaState::Success
         }
         Outcome::Error {
@@ -974,11 +1108,7 @@ async fn record(
             .bind(report.wall_micros)
             .execute(&mut **tx)
             .await?;
-            sqlx::query(CREDIT_ERROR)
-                .bind(vec![row.worker_id])
-                .execute(&mut **tx)
-                .await?;
-
+            credits.add(row.worker_id, Credit::Error);
             ReplicaState::Error
         }
     };
@@ -987,35 +1117,6 @@ async fn record(
         message: String::new(),
         new_state,
     })
-}
-
-async fn credit(
-    tx: &mut Transaction<'static, Postgres>,
-    worker: Uuid,
-    verdict: ValidateState,
-) -> Result<(), Error> {
-    credit_all(tx, &[worker], verdict).await
-}
-
-/// Applies one verdict to the reputation of each of `workers` (once per occurrence).
-async fn credit_all(
-    tx: &mut Transaction<'static, Postgres>,
-    workers: &[Uuid],
-    verdict: ValidateState,
-) -> Result<(), Error> {
-    if workers.is_empty() {
-        return Ok(());
-    }
-    let query = match verdict {
-        ValidateState::Valid => sqlx::query(CREDIT_VALID)
-            .bind(workers.to_vec())
-            .bind(scheduler::QUOTA_STEP)
-            .bind(scheduler::QUOTA_MAX),
-        ValidateState::Invalid => sqlx::query(CREDIT_INVALID).bind(workers.to_vec()),
-        ValidateState::Init | ValidateState::Inconclusive => return Ok(()),
-    };
-    query.execute(&mut **tx).await?;
-    Ok(())
 }
 
 fn truncate(s: &str, max: usize) -> &str {
@@ -1031,6 +1132,7 @@ async fn transition(
     tx: &mut Transaction<'static, Postgres>,
     wus: &HashMap<i64, LockedWu>,
     ids: &[i64],
+    credits: &mut Credits,
 ) -> Result<(), Error> {
     let pending: Vec<i64> = ids
         .iter()
@@ -1078,7 +1180,7 @@ async fn transition(
                 valid,
                 invalid,
             } => {
-                validate(tx, wu, &rows, canonical, &valid, &invalid).await?;
+                validate(tx, wu, &rows, canonical, &valid, &invalid, credits).await?;
             }
         }
     }
@@ -1141,6 +1243,7 @@ async fn validate(
     canonical: i64,
     valid: &[i64],
     invalid: &[i64],
+    credits: &mut Credits,
 ) -> Result<(), Error> {
     let canon = rows
         .iter()
@@ -1186,12 +1289,9 @@ async fn validate(
         if unreplicated && verdict == ValidateState::Valid {
             continue;
         }
-        let workers: Vec<Uuid> = rows
-            .iter()
-            .filter(|r| ids.contains(&r.id))
-            .map(|r| r.worker_id)
-            .collect();
-        credit_all(tx, &workers, verdict).await?;
+        for r in rows.iter().filter(|r| ids.contains(&r.id)) {
+            credits.verdict(r.worker_id, verdict);
+        }
     }
     sqlx::query(
         "UPDATE work_units SET state = 'validated', canonical_replica_id = $2, unsent = 0, finished_at = now()
