@@ -537,4 +537,91 @@ mod tests {
         let d = m(&[("loss", 1.0), ("steps", 11.0)]);
         assert_eq!(tolerance_groups(&tol, &[a, b, c, d]), vec![0, 0, 2, 3]);
     }
+
+    /// Random event orders against the transitioner: replicas are issued when it asks, and
+    /// each in-flight replica then succeeds (right or one of two wrong answers), errs, or is
+    /// lost, in random order. Whatever happens: never more than `max_total_results` replicas,
+    /// a terminal decision within that budget, and a validation whose canonical replica leads
+    /// an agreeing group of at least `min_quorum` (or is a lone solo replica), with every
+    /// success marked valid or invalid exactly once.
+    #[test]
+    fn random_event_orders_keep_the_invariants() {
+        let mut seed = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for _ in 0..20_000 {
+            let q = 1 + next(3) as u32;
+            let p =
+                Policy::with_defaults(q, q + next(2) as u32, 1 + next(4) as u32, 0, 0, 60).unwrap();
+            let mut replicas: Vec<ReplicaView> = Vec::new();
+            let (mut n_issued, mut unsent) = (0, p.target_nresults);
+            let solo_first = next(4) == 0;
+            let decision = loop {
+                // Hand out what is wanted, one at a time, sometimes late.
+                if unsent > 0 && next(2) == 0 {
+                    n_issued += 1;
+                    unsent -= 1;
+                    let solo = solo_first && n_issued == 1;
+                    if solo {
+                        unsent = 0;
+                    }
+                    assert!(n_issued <= p.max_total_results);
+                    replicas.push(ReplicaView {
+                        id: n_issued as i64,
+                        outcome: ReplicaOutcome::InFlight,
+                        solo,
+                    });
+                    continue;
+                }
+                let in_flight: Vec<usize> = (0..replicas.len())
+                    .filter(|&i| replicas[i].outcome == ReplicaOutcome::InFlight)
+                    .collect();
+                if in_flight.is_empty() && unsent == 0 {
+                    panic!("stuck: nothing in flight, nothing wanted: {replicas:?}");
+                }
+                if in_flight.is_empty() {
+                    continue;
+                }
+                let i = in_flight[next(in_flight.len() as u64) as usize];
+                replicas[i].outcome = match next(6) {
+                    0 => ReplicaOutcome::Error("e".into()),
+                    1 => ReplicaOutcome::Lost,
+                    2 => ReplicaOutcome::Success([2 + next(2) as u8; 32]),
+                    _ => ReplicaOutcome::Success([1; 32]),
+                };
+                match decide(&p, n_issued, unsent, &replicas) {
+                    Decision::Wait { unsent: u } => {
+                        assert!(n_issued + u <= p.max_total_results);
+                        unsent = u;
+                    }
+                    d => break d,
+                }
+            };
+            if let Decision::Validate {
+                canonical,
+                valid,
+                invalid,
+            } = decision
+            {
+                let hash = |id: i64| match &replicas[id as usize - 1].outcome {
+                    ReplicaOutcome::Success(h) => *h,
+                    o => panic!("not a success: {o:?}"),
+                };
+                assert_eq!(valid.iter().min(), Some(&canonical));
+                assert!(valid.iter().all(|&v| hash(v) == hash(canonical)));
+                assert!(invalid.iter().all(|&v| hash(v) != hash(canonical)));
+                let lone_solo = valid.len() == 1 && replicas[canonical as usize - 1].solo;
+                assert!(valid.len() as i32 >= p.min_quorum || lone_solo);
+                let successes = replicas
+                    .iter()
+                    .filter(|r| matches!(r.outcome, ReplicaOutcome::Success(_)))
+                    .count();
+                assert_eq!(valid.len() + invalid.len(), successes);
+            }
+        }
+    }
 }

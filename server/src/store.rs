@@ -216,6 +216,30 @@ pub struct AgreeingRow {
     pub fuel_used: i64,
 }
 
+/// See [`Store::invariant_breaches`]; every field counts work units (or pairs) in breach.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromRow)]
+pub struct InvariantBreaches {
+    pub over_issued: i64,
+    pub same_worker: i64,
+    pub same_account: i64,
+    pub findings_not_one: i64,
+    pub bad_canonical: i64,
+    pub stray_findings: i64,
+    pub unchecked: i64,
+}
+
+impl InvariantBreaches {
+    pub fn total(&self) -> i64 {
+        self.over_issued
+            + self.same_worker
+            + self.same_account
+            + self.findings_not_one
+            + self.bad_canonical
+            + self.stray_findings
+            + self.unchecked
+    }
+}
+
 /// How one work unit ended; see [`Store::study_outcomes`].
 #[derive(Debug, FromRow)]
 pub struct WuOutcome {
@@ -382,7 +406,10 @@ impl Credits {
         let mut ids: Vec<Uuid> = self.0.iter().map(|c| c.0).collect();
         ids.sort_unstable();
         ids.dedup();
-        sqlx::query("SELECT id FROM workers WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+        // NO KEY UPDATE, like the updates that follow: it must not conflict with the KEY SHARE
+        // locks that foreign-key checks on replicas take on worker rows (an update of a replica
+        // row this transaction already changed re-runs its check), or two reports deadlock.
+        sqlx::query("SELECT id FROM workers WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE")
             .bind(&ids)
             .execute(&mut **tx)
             .await?;
@@ -609,7 +636,7 @@ impl Store {
                                       / (k.valid_count + k.invalid_count + $5 + $6) <= $4
                              THEN 1.0 / k.consecutive_valid ELSE 1.0 END AS spot_check
                  FROM workers k WHERE k.id = $1 AND NOT k.blocked
-                 FOR UPDATE
+                 FOR NO KEY UPDATE
              ), candidates AS (
                  SELECT w.id, w.adaptive, w.n_issued FROM work_units w
                  WHERE w.state = 'pending' AND w.unsent > 0
@@ -909,6 +936,38 @@ impl Store {
         .await?)
     }
 
+    /// Counts breaches of the replication invariants among a study's work units (all zero when
+    /// the trust engine holds): more replicas than `max_total_results`, two replicas on one
+    /// worker or one account, a validated unit without exactly one finding or without a valid
+    /// canonical replica, a finding on an unvalidated unit, and a reported success on a
+    /// settled unit never checked against the canonical output.
+    pub async fn invariant_breaches(&self, study: i64) -> Result<InvariantBreaches, Error> {
+        Ok(sqlx::query_as::<_, InvariantBreaches>(
+            "WITH w AS (SELECT * FROM work_units WHERE study_id = $1),
+                  r AS (SELECT r.* FROM replicas r JOIN w ON w.id = r.wu_id)
+             SELECT
+               (SELECT count(*) FROM w WHERE n_issued > max_total_results
+                   OR (SELECT count(*) FROM r WHERE r.wu_id = w.id) > max_total_results) AS over_issued,
+               (SELECT count(*) FROM (SELECT 1 FROM r GROUP BY wu_id, worker_id
+                                      HAVING count(*) > 1) x) AS same_worker,
+               (SELECT count(*) FROM (SELECT 1 FROM r WHERE account IS NOT NULL
+                                      GROUP BY wu_id, account HAVING count(*) > 1) x) AS same_account,
+               (SELECT count(*) FROM w WHERE state = 'validated'
+                   AND (SELECT count(*) FROM findings f WHERE f.wu_id = w.id) <> 1) AS findings_not_one,
+               (SELECT count(*) FROM w WHERE state = 'validated' AND NOT EXISTS (
+                   SELECT 1 FROM r WHERE r.id = w.canonical_replica_id AND r.wu_id = w.id
+                     AND r.validate_state = 'valid')) AS bad_canonical,
+               (SELECT count(*) FROM findings f JOIN w ON w.id = f.wu_id
+                 WHERE w.state <> 'validated') AS stray_findings,
+               (SELECT count(*) FROM r JOIN w ON w.id = r.wu_id
+                 WHERE w.state = 'validated' AND r.state = 'success'
+                   AND r.validate_state = 'init') AS unchecked",
+        )
+        .bind(study)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
     pub async fn failures(&self, study: i64, limit: i64) -> Result<Vec<FailureRow>, Error> {
         Ok(sqlx::query_as::<_, FailureRow>(
             "SELECT id AS wu_id, fail_reason AS reason, params FROM work_units
@@ -921,10 +980,9 @@ impl Store {
     }
 }
 
-/// Runs a transaction again (a few times) when PostgreSQL broke a deadlock by aborting it.
-/// Work units and then workers are locked in id order, which should make deadlocks impossible;
-/// under heavy concurrent reporting PostgreSQL still reported some, so as a safety net the
-/// aborted transaction (which changed nothing) is simply run again.
+/// Runs a transaction again (a few times) when PostgreSQL aborted it to break a deadlock or a
+/// serialization conflict. Work units and then workers are locked in id order, so this is a
+/// safety net only: the aborted transaction changed nothing and simply runs again.
 async fn retry_deadlocks<T, F, Fut>(mut attempt: F) -> Result<T, Error>
 where
     F: FnMut() -> Fut,

@@ -17,7 +17,7 @@ use accrete_proto::v1::{
     worker_service_client::WorkerServiceClient,
 };
 use accrete_server::devdb::{DevDb, LOCAL_SERVER};
-use accrete_server::store::{Store, WuState};
+use accrete_server::store::{InvariantBreaches, Store, WuState};
 use anyhow::Context;
 use serde_json::json;
 use tonic::transport::Channel;
@@ -273,6 +273,8 @@ pub struct Report {
     /// (lower bound, upper bound, findings, wrong findings)
     pub calibration: Vec<(f64, f64, usize, usize)>,
     pub high: (usize, usize),
+    /// Replication invariants breached in the measured and warm-up studies (all zero).
+    pub breaches: InvariantBreaches,
 }
 
 const BUCKETS: &[(f64, f64)] = &[
@@ -355,6 +357,11 @@ impl Report {
             "calibration honest: {}\n",
             if self.calibrated() { "yes" } else { "NO" }
         );
+        s += &format!(
+            "invariant breaches (both studies): {} {:?}\n",
+            self.breaches.total(),
+            self.breaches
+        );
         s
     }
 
@@ -374,13 +381,20 @@ impl Report {
             "calibration": self.calibration.iter().map(|&(lo, hi, n, w)| json!({
                 "lower": lo, "upper": hi, "findings": n, "wrong": w })).collect::<Vec<_>>(),
             "calibrated": self.calibrated(),
+            "invariant_breaches": self.breaches.total(),
         })
     }
 }
 
 /// Sets everything up, runs the warm-up and the measured study, and reports on the latter.
 pub async fn run(args: &Args) -> anyhow::Result<Report> {
-    let name = format!("accrete_sim_{}_{}", std::process::id(), args.seed);
+    // Unique per run, also for several runs in one process (the tests).
+    static RUNS: AtomicU64 = AtomicU64::new(0);
+    let name = format!(
+        "accrete_sim_{}_{}",
+        std::process::id(),
+        RUNS.fetch_add(1, Ordering::Relaxed)
+    );
     let db = DevDb::on_server(&args.database_url, &name)
         .await
         .context("creating the simulation database (is PostgreSQL running?)")?;
@@ -482,12 +496,14 @@ async fn run_on(args: &Args, url: &str) -> anyhow::Result<Report> {
             .collect(),
     };
     let deadline = Instant::now() + Duration::from_secs(args.max_secs);
+    let mut warm_id = None;
     if args.warmup > 0 {
         let warm = research
             .submit_study(submit(1_000_000_000, args.warmup, "warm-up"))
             .await?
             .into_inner();
         wait(&mut research, warm.study_id, deadline).await?;
+        warm_id = Some(warm.study_id);
     }
     let started = Instant::now();
     let study = research
@@ -502,6 +518,17 @@ async fn run_on(args: &Args, url: &str) -> anyhow::Result<Report> {
         w.await??;
     }
     let outcomes = store.study_outcomes(study.study_id as i64).await?;
+    let mut breaches = store.invariant_breaches(study.study_id as i64).await?;
+    if let Some(w) = warm_id {
+        let b = store.invariant_breaches(w as i64).await?;
+        breaches.over_issued += b.over_issued;
+        breaches.same_worker += b.same_worker;
+        breaches.same_account += b.same_account;
+        breaches.findings_not_one += b.findings_not_one;
+        breaches.bad_canonical += b.bad_canonical;
+        breaches.stray_findings += b.stray_findings;
+        breaches.unchecked += b.unchecked;
+    }
     let _ = stop_server.send(true);
     server.await??;
 
@@ -521,6 +548,7 @@ async fn run_on(args: &Args, url: &str) -> anyhow::Result<Report> {
         quota_refusals: counters.quota_refusals.load(Ordering::Relaxed),
         calibration: BUCKETS.iter().map(|&(lo, hi)| (lo, hi, 0, 0)).collect(),
         high: (0, 0),
+        breaches,
     };
     let mut truth_hash: HashMap<u64, [u8; 32]> = HashMap::new();
     for o in &outcomes {
