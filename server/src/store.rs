@@ -329,6 +329,7 @@ struct ReplicaRow {
     /// The worker's counts now, for its estimated error rate.
     valid_count: i64,
     invalid_count: i64,
+    consecutive_valid: i64,
 }
 
 const LOCK_WUS: &str = "
@@ -341,7 +342,8 @@ const LOCK_WUS: &str = "
 
 const REPLICAS_OF: &str = "
     SELECT r.id, r.wu_id, r.worker_id, r.state, r.output_hash, r.output, r.error_kind,
-           r.error_message, r.solo, r.platform, k.valid_count, k.invalid_count
+           r.error_message, r.solo, r.platform, k.valid_count, k.invalid_count,
+           k.consecutive_valid
     FROM replicas r JOIN workers k ON k.id = r.worker_id WHERE r.wu_id = ANY($1) ORDER BY r.id";
 
 /// Reputation updates, one statement per kind over `$1` (worker ids, one per result, so a
@@ -1263,7 +1265,9 @@ fn view(r: &ReplicaRow) -> ReplicaView {
     ReplicaView {
         id: r.id,
         outcome,
-        solo: r.solo,
+        // A worker that lost its trust since the claim (a spot check caught it) does not get
+        // its unchecked work validated alone: the unit goes back to replication.
+        solo: r.solo && scheduler::trusted(r.consecutive_valid, r.valid_count, r.invalid_count),
     }
 }
 
@@ -1326,7 +1330,7 @@ async fn validate(
         .execute(&mut **tx)
         .await?;
     // An unreplicated result was checked against nothing: it earns its worker no credit.
-    let unreplicated = valid.len() == 1 && canon.solo;
+    let unreplicated = valid.len() == 1 && view(canon).solo;
     // Confidence rests on the workers' reputations before this verdict counts.
     let voters: Vec<scheduler::Voter> = rows
         .iter()
