@@ -70,6 +70,7 @@ impl Client {
                 module_hash,
                 policy: Some(spec.policy.to_pb()),
                 bounds: Some(spec.bounds.to_pb()),
+                tolerance: spec.tolerance_pb(),
                 work_units: inputs
                     .iter()
                     .map(|p| pb::WorkUnitSpec {
@@ -171,7 +172,7 @@ pub fn finding_json(f: &pb::Finding) -> Value {
     let mut v = json!({
         "id": f.id, "study_id": f.study_id, "work_unit_id": f.work_unit_id,
         "metrics": parse(&f.metrics_json), "params": parse(&f.params_json),
-        "confidence": f.confidence,
+        "confidence": f.confidence, "unreplicated": f.unreplicated, "platforms": f.platforms,
         "module_hash": hex(&f.module_hash), "input_hash": hex(&f.input_hash),
         "output_hash": hex(&f.output_hash),
         "agreeing": f.agreeing.iter().map(|a| json!({
@@ -206,7 +207,8 @@ pub fn findings_table(findings: &[pb::Finding], metric: Option<&str>) -> String 
         let mut platforms: Vec<&str> = f.agreeing.iter().map(|a| a.platform.as_str()).collect();
         platforms.sort_unstable();
         platforms.dedup();
-        let agreed = format!("{} ({})", f.agreeing.len(), platforms.join(","));
+        let solo = if f.unreplicated { " solo" } else { "" };
+        let agreed = format!("{}{solo} ({})", f.agreeing.len(), platforms.join(","));
         out.push_str(&format!(
             "{:>4}  {:>7}  {:>12}  {:>10.4}  {:<22}  {}\n",
             i + 1,

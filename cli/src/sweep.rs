@@ -25,6 +25,22 @@ pub struct SweepSpec {
     pub policy: PolicySpec,
     #[serde(default)]
     pub bounds: BoundsSpec,
+    /// Per-metric tolerances; empty compares outputs by exact BLAKE3 equality.
+    #[serde(default)]
+    pub tolerance: BTreeMap<String, ToleranceSpec>,
+}
+
+impl SweepSpec {
+    pub fn tolerance_pb(&self) -> Vec<pb::MetricTolerance> {
+        self.tolerance
+            .iter()
+            .map(|(metric, t)| pb::MetricTolerance {
+                metric: metric.clone(),
+                abs: t.abs,
+                rel: t.rel,
+            })
+            .collect()
+    }
 }
 
 #[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq)]
@@ -51,6 +67,19 @@ pub struct PolicySpec {
     pub max_total_results: Option<u32>,
     pub max_success_results: Option<u32>,
     pub delay_bound_secs: Option<u32>,
+    /// Adaptive replication: trusted workers run work units alone, with random spot checks.
+    pub adaptive: Option<bool>,
+}
+
+/// A numeric tolerance on one metric, for modules that are not bit-deterministic: outputs
+/// agree when the metric differs by at most `abs` or at most `rel` times the larger magnitude.
+#[derive(Debug, Deserialize, Default, Clone, Copy)]
+#[serde(deny_unknown_fields)]
+pub struct ToleranceSpec {
+    #[serde(default)]
+    pub abs: f64,
+    #[serde(default)]
+    pub rel: f64,
 }
 
 /// Resource bounds for every work unit; unset fields take the server's defaults.
@@ -72,6 +101,7 @@ impl PolicySpec {
             max_total_results: self.max_total_results.unwrap_or(0),
             max_success_results: self.max_success_results.unwrap_or(0),
             delay_bound_secs: self.delay_bound_secs.unwrap_or(0),
+            adaptive: self.adaptive.unwrap_or(false),
         }
     }
 }

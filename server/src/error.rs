@@ -13,6 +13,12 @@ pub enum Error {
     Unauthenticated(String),
     #[error("{0}")]
     FailedPrecondition(String),
+    /// A worker over its daily quota: it should come back later.
+    #[error("{0}")]
+    ResourceExhausted(String),
+    /// A blocked worker.
+    #[error("{0}")]
+    PermissionDenied(String),
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
     #[error("internal: {0}")]
@@ -39,6 +45,8 @@ impl From<Error> for Status {
             Error::NotFound(m) => Status::not_found(m.clone()),
             Error::Unauthenticated(m) => Status::unauthenticated(m.clone()),
             Error::FailedPrecondition(m) => Status::failed_precondition(m.clone()),
+            Error::ResourceExhausted(m) => Status::resource_exhausted(m.clone()),
+            Error::PermissionDenied(m) => Status::permission_denied(m.clone()),
             // Data exceptions and constraint violations: the request carried something the
             // schema refuses. Clear to the caller, and never retried as if it were transient.
             Error::Database(sqlx::Error::Database(d))

@@ -19,6 +19,9 @@ pub struct Policy {
     pub max_success_results: i32,
     /// Seconds a worker has to report before its replica is reissued.
     pub delay_bound_secs: i32,
+    /// Adaptive replication: a trusted worker may get a work unit's first replica alone (see
+    /// [`spot_check_probability`]); its result then validates with a quorum of one.
+    pub adaptive: bool,
 }
 
 impl Policy {
@@ -56,6 +59,7 @@ impl Policy {
                 as i32,
             max_success_results: or(max_success_results, min_quorum + 3) as i32,
             delay_bound_secs: or(delay_bound_secs, 600) as i32,
+            adaptive: false,
         };
         if p.target_nresults < p.min_quorum {
             return Err("target_nresults must be at least min_quorum".into());
@@ -87,6 +91,8 @@ pub enum ReplicaOutcome {
 pub struct ReplicaView {
     pub id: i64,
     pub outcome: ReplicaOutcome,
+    /// Issued unreplicated to a trusted worker: if it is the only success, it validates alone.
+    pub solo: bool,
 }
 
 /// What to do with a pending work unit.
@@ -134,6 +140,19 @@ pub fn decide(policy: &Policy, n_issued: i32, unsent: i32, replicas: &[ReplicaVi
         .max_by(|a, b| a.len().cmp(&b.len()).then(b[0].cmp(&a[0])));
     let largest = best.map_or(0, |g| g.len() as i32);
 
+    // An unreplicated replica validates alone, unless other successes are there to compare.
+    if successes == 1
+        && let Some(only) = replicas
+            .iter()
+            .find(|r| r.solo && matches!(r.outcome, ReplicaOutcome::Success(_)))
+    {
+        return Decision::Validate {
+            canonical: only.id,
+            valid: vec![only.id],
+            invalid: vec![],
+        };
+    }
+
     if let Some(group) = best.filter(|g| g.len() as i32 >= policy.min_quorum) {
         let invalid = groups
             .values()
@@ -179,15 +198,149 @@ pub fn decide(policy: &Policy, n_issued: i32, unsent: i32, replicas: &[ReplicaVi
     Decision::Wait { unsent: want }
 }
 
-/// Prior probability that one worker returns a wrong result. A first, deliberately simple model:
-/// the trust engine replaces it with per-worker estimated error rates.
-pub const PRIOR_WORKER_ERROR: f64 = 0.1;
+// ---------------------------------------------------------------------------------------------
+// Reputation, quotas, adaptive replication and confidence (ARCHITECTURE.md, "Trust engine").
 
-/// Confidence that a canonical result is right when `agreeing` distinct workers produced it:
-/// `1 - ε^k`, the chance that not all of them were wrong in the same way, with ε the prior
-/// per-worker error rate. k = 1 gives 0.9, k = 2 gives 0.99, k = 3 gives 0.999.
-pub fn confidence(agreeing: usize) -> f64 {
-    1.0 - PRIOR_WORKER_ERROR.powi(agreeing as i32)
+/// Beta prior on a worker's rate of wrong (invalid) results: Beta(1, 9), mean 0.1, worth ten
+/// observations. A new worker is assumed wrong one time in ten until its results say otherwise.
+pub const PRIOR_WRONG: f64 = 1.0;
+pub const PRIOR_RIGHT: f64 = 9.0;
+
+/// A worker's estimated rate of wrong results: the mean of the Beta posterior after `valid`
+/// results that agreed with a quorum and `invalid` ones that did not. Errors and timeouts are
+/// not wrong results (they never become findings); they cost quota instead.
+pub fn error_rate(valid: i64, invalid: i64) -> f64 {
+    (invalid as f64 + PRIOR_WRONG) / ((valid + invalid) as f64 + PRIOR_WRONG + PRIOR_RIGHT)
+}
+
+/// BOINC's rule: a worker is trusted with unreplicated work after this many consecutive valid
+/// results (any invalid or error result starts the count again).
+pub const TRUST_AFTER_CONSECUTIVE_VALID: i64 = 10;
+/// ... and, beyond BOINC, only while its estimated error rate is at most this (40 valid results
+/// and no invalid one): a worker with a history of invalid results stays quarantined to
+/// replicated work until many valid results outweigh it. At 0.05 the simulation let workers
+/// that are wrong 10% of the time earn trust by luck and get about 1% wrong findings through;
+/// at 0.02 none (BENCHMARKS.md).
+pub const TRUST_MAX_ERROR_RATE: f64 = 0.02;
+
+/// Whether a worker may run unreplicated work.
+pub fn trusted(consecutive_valid: i64, valid: i64, invalid: i64) -> bool {
+    consecutive_valid >= TRUST_AFTER_CONSECUTIVE_VALID
+        && error_rate(valid, invalid) <= TRUST_MAX_ERROR_RATE
+}
+
+/// The chance a trusted worker's first replica of an adaptive work unit is still replicated
+/// (a spot check: a second replica goes to another worker): `1 / consecutive_valid`, as BOINC
+/// does, so checks grow rarer as unbroken agreement grows. Untrusted workers: always.
+pub fn spot_check_probability(consecutive_valid: i64, valid: i64, invalid: i64) -> f64 {
+    if trusted(consecutive_valid, valid, invalid) {
+        1.0 / consecutive_valid as f64
+    } else {
+        1.0
+    }
+}
+
+/// The most replicas a worker may take in one UTC day, and how much a valid result gives back.
+/// The quota halves (never below 1) on every error, invalid result or timeout.
+pub const QUOTA_MAX: i32 = 1000;
+pub const QUOTA_STEP: i32 = 10;
+
+/// The daily quota after one more result (`Some(true)` valid, `Some(false)` invalid, error or
+/// timeout).
+pub fn next_quota(quota: i32, good: bool) -> i32 {
+    if good {
+        (quota + QUOTA_STEP).min(QUOTA_MAX)
+    } else {
+        (quota / 2).max(1)
+    }
+}
+
+/// The chance that a runtime or platform bug makes every replica on one platform agree on the
+/// same wrong output (deterministic replicas share their bugs). Agreement across `m` distinct
+/// platforms needs `m` independent bugs that happen to agree: `PLATFORM_BUG^m`.
+pub const PLATFORM_BUG: f64 = 1e-3;
+
+/// One worker whose output agreed with the canonical one.
+#[derive(Debug, Clone)]
+pub struct Voter {
+    /// Its estimated error rate ([`error_rate`]) when the work unit validated.
+    pub error_rate: f64,
+    /// "arch/os" of the replica.
+    pub platform: String,
+}
+
+/// Confidence that a canonical output is right, from the distinct workers that agreed on it.
+///
+/// Two independent ways to be wrong:
+/// - every agreeing worker was wrong, and wrong the same way (the worst case, collusion): with
+///   a 1:1 prior on the answer, Bayes gives `Π ε / (Π ε + Π (1 - ε))`, ε each worker's
+///   estimated error rate. One worker (unreplicated) gives exactly its ε.
+/// - a platform bug shared by every replica on a platform: `PLATFORM_BUG ^ distinct platforms`.
+///
+/// Confidence is the chance neither happened. Agreement by more workers, by workers with long
+/// valid histories and across platforms all raise it; an unreplicated result is only as good
+/// as its one worker.
+pub fn confidence(agreeing: &[Voter]) -> f64 {
+    if agreeing.is_empty() {
+        return 0.0;
+    }
+    let (mut all_wrong, mut all_right) = (1.0, 1.0);
+    for v in agreeing {
+        let e = v.error_rate.clamp(1e-9, 1.0 - 1e-9);
+        all_wrong *= e;
+        all_right *= 1.0 - e;
+    }
+    let collusion = all_wrong / (all_wrong + all_right);
+    let mut platforms: Vec<&str> = agreeing.iter().map(|v| v.platform.as_str()).collect();
+    platforms.sort_unstable();
+    platforms.dedup();
+    let platform_bug = PLATFORM_BUG.powi(platforms.len() as i32);
+    ((1.0 - collusion) * (1.0 - platform_bug)).clamp(0.0, 1.0)
+}
+
+/// A study's numeric tolerance: metric name -> (absolute, relative) allowed difference.
+pub type Tolerance = BTreeMap<String, (f64, f64)>;
+
+/// Whether two outputs' metrics agree under `tol`: the same metric names; each named metric
+/// within `abs` or within `rel` of the larger magnitude; every other metric bit-equal. Payloads
+/// are not compared (a study declaring a tolerance says its metrics are what it trusts).
+pub fn within_tolerance(
+    tol: &Tolerance,
+    a: &BTreeMap<String, f64>,
+    b: &BTreeMap<String, f64>,
+) -> bool {
+    a.len() == b.len()
+        && a.iter().all(|(name, x)| {
+            let Some(y) = b.get(name) else { return false };
+            match tol.get(name) {
+                Some((abs, rel)) => {
+                    let d = (x - y).abs();
+                    d <= *abs || d <= rel * x.abs().max(y.abs())
+                }
+                None => x.to_bits() == y.to_bits(),
+            }
+        })
+}
+
+/// Groups outputs under a tolerance: for each output (in replica id order), the index of the
+/// first earlier output it agrees with, or its own. The store then compares replicas by their
+/// group's representative, so `decide` stays the one rule for exact and tolerant comparison.
+pub fn tolerance_groups(tol: &Tolerance, metrics: &[BTreeMap<String, f64>]) -> Vec<usize> {
+    let mut reps: Vec<usize> = Vec::new();
+    let mut out = Vec::with_capacity(metrics.len());
+    for (i, m) in metrics.iter().enumerate() {
+        match reps
+            .iter()
+            .find(|&&r| within_tolerance(tol, &metrics[r], m))
+        {
+            Some(&r) => out.push(r),
+            None => {
+                reps.push(i);
+                out.push(i);
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -202,11 +355,16 @@ mod tests {
         ReplicaView {
             id,
             outcome: ReplicaOutcome::Success([h; 32]),
+            solo: false,
         }
     }
 
     fn with(id: i64, outcome: ReplicaOutcome) -> ReplicaView {
-        ReplicaView { id, outcome }
+        ReplicaView {
+            id,
+            outcome,
+            solo: false,
+        }
     }
 
     #[test]
@@ -305,9 +463,183 @@ mod tests {
         ));
     }
 
+    fn voter(e: f64, platform: &str) -> Voter {
+        Voter {
+            error_rate: e,
+            platform: platform.into(),
+        }
+    }
+
     #[test]
-    fn confidence_grows_with_agreement() {
-        assert!((confidence(2) - 0.99).abs() < 1e-12);
-        assert!(confidence(3) > confidence(2));
+    fn confidence_grows_with_agreement_reputation_and_platforms() {
+        let new = error_rate(0, 0);
+        assert!((new - 0.1).abs() < 1e-12);
+        let one = confidence(&[voter(new, "x86_64/linux")]);
+        assert!((one - 0.9 * 0.999).abs() < 1e-9, "{one}");
+        let two = confidence(&[voter(new, "x86_64/linux"), voter(new, "x86_64/linux")]);
+        let three = confidence(&[voter(new, "a"), voter(new, "a"), voter(new, "a")]);
+        assert!(two > one && three > two);
+        // Two platforms beat one; seasoned workers beat new ones.
+        let mixed = confidence(&[voter(new, "x86_64/linux"), voter(new, "aarch64/linux")]);
+        assert!(mixed > two);
+        let seasoned = error_rate(200, 0);
+        assert!(confidence(&[voter(seasoned, "a"), voter(seasoned, "a")]) > two);
+        // A cheater's agreement is worth little.
+        let cheat = error_rate(5, 50);
+        assert!(confidence(&[voter(cheat, "a"), voter(cheat, "a")]) < 0.1);
+        assert_eq!(confidence(&[]), 0.0);
+    }
+
+    #[test]
+    fn trust_needs_a_streak_and_a_clean_record() {
+        assert!(!trusted(9, 100, 0), "a streak of 10 is needed");
+        assert!(!trusted(10, 10, 0), "and a clean record of 40");
+        assert!(trusted(40, 40, 0));
+        assert!(
+            !trusted(40, 80, 1),
+            "one invalid needs many valid results to outweigh it"
+        );
+        assert!(trusted(40, 90, 1));
+        assert_eq!(spot_check_probability(5, 5, 0), 1.0);
+        assert_eq!(spot_check_probability(50, 50, 0), 0.02);
+    }
+
+    #[test]
+    fn quota_halves_on_bad_results_and_grows_back() {
+        assert_eq!(next_quota(1000, false), 500);
+        assert_eq!(next_quota(1, false), 1);
+        assert_eq!(next_quota(995, true), QUOTA_MAX);
+        assert_eq!(next_quota(500, true), 510);
+    }
+
+    #[test]
+    fn a_solo_success_validates_alone_but_not_against_others() {
+        let solo = |id, h: u8| ReplicaView {
+            id,
+            outcome: ReplicaOutcome::Success([h; 32]),
+            solo: true,
+        };
+        assert_eq!(
+            decide(&policy(), 1, 0, &[solo(1, 1)]),
+            Decision::Validate {
+                canonical: 1,
+                valid: vec![1],
+                invalid: vec![]
+            }
+        );
+        // The solo replica failed and the unit went back to replication: normal rules apply.
+        assert_eq!(
+            decide(&policy(), 3, 0, &[solo(1, 1), ok(2, 2)]),
+            Decision::Wait { unsent: 1 }
+        );
+        let err = ReplicaView {
+            id: 1,
+            outcome: ReplicaOutcome::Error("trap".into()),
+            solo: true,
+        };
+        assert_eq!(
+            decide(&policy(), 1, 0, &[err]),
+            Decision::Wait { unsent: 2 }
+        );
+    }
+
+    #[test]
+    fn tolerance_groups_close_metrics_and_keeps_others_exact() {
+        let m = |pairs: &[(&str, f64)]| -> BTreeMap<String, f64> {
+            pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+        };
+        let tol: Tolerance = [("loss".to_string(), (0.0, 1e-6))].into();
+        let a = m(&[("loss", 1.0), ("steps", 10.0)]);
+        let b = m(&[("loss", 1.0 + 1e-9), ("steps", 10.0)]);
+        let c = m(&[("loss", 1.1), ("steps", 10.0)]);
+        let d = m(&[("loss", 1.0), ("steps", 11.0)]);
+        assert_eq!(tolerance_groups(&tol, &[a, b, c, d]), vec![0, 0, 2, 3]);
+    }
+
+    /// Random event orders against the transitioner: replicas are issued when it asks, and
+    /// each in-flight replica then succeeds (right or one of two wrong answers), errs, or is
+    /// lost, in random order. Whatever happens: never more than `max_total_results` replicas,
+    /// a terminal decision within that budget, and a validation whose canonical replica leads
+    /// an agreeing group of at least `min_quorum` (or is a lone solo replica), with every
+    /// success marked valid or invalid exactly once.
+    #[test]
+    fn random_event_orders_keep_the_invariants() {
+        let mut seed = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for _ in 0..20_000 {
+            let q = 1 + next(3) as u32;
+            let p =
+                Policy::with_defaults(q, q + next(2) as u32, 1 + next(4) as u32, 0, 0, 60).unwrap();
+            let mut replicas: Vec<ReplicaView> = Vec::new();
+            let (mut n_issued, mut unsent) = (0, p.target_nresults);
+            let solo_first = next(4) == 0;
+            let decision = loop {
+                // Hand out what is wanted, one at a time, sometimes late.
+                if unsent > 0 && next(2) == 0 {
+                    n_issued += 1;
+                    unsent -= 1;
+                    let solo = solo_first && n_issued == 1;
+                    if solo {
+                        unsent = 0;
+                    }
+                    assert!(n_issued <= p.max_total_results);
+                    replicas.push(ReplicaView {
+                        id: n_issued as i64,
+                        outcome: ReplicaOutcome::InFlight,
+                        solo,
+                    });
+                    continue;
+                }
+                let in_flight: Vec<usize> = (0..replicas.len())
+                    .filter(|&i| replicas[i].outcome == ReplicaOutcome::InFlight)
+                    .collect();
+                if in_flight.is_empty() && unsent == 0 {
+                    panic!("stuck: nothing in flight, nothing wanted: {replicas:?}");
+                }
+                if in_flight.is_empty() {
+                    continue;
+                }
+                let i = in_flight[next(in_flight.len() as u64) as usize];
+                replicas[i].outcome = match next(6) {
+                    0 => ReplicaOutcome::Error("e".into()),
+                    1 => ReplicaOutcome::Lost,
+                    2 => ReplicaOutcome::Success([2 + next(2) as u8; 32]),
+                    _ => ReplicaOutcome::Success([1; 32]),
+                };
+                match decide(&p, n_issued, unsent, &replicas) {
+                    Decision::Wait { unsent: u } => {
+                        assert!(n_issued + u <= p.max_total_results);
+                        unsent = u;
+                    }
+                    d => break d,
+                }
+            };
+            if let Decision::Validate {
+                canonical,
+                valid,
+                invalid,
+            } = decision
+            {
+                let hash = |id: i64| match &replicas[id as usize - 1].outcome {
+                    ReplicaOutcome::Success(h) => *h,
+                    o => panic!("not a success: {o:?}"),
+                };
+                assert_eq!(valid.iter().min(), Some(&canonical));
+                assert!(valid.iter().all(|&v| hash(v) == hash(canonical)));
+                assert!(invalid.iter().all(|&v| hash(v) != hash(canonical)));
+                let lone_solo = valid.len() == 1 && replicas[canonical as usize - 1].solo;
+                assert!(valid.len() as i32 >= p.min_quorum || lone_solo);
+                let successes = replicas
+                    .iter()
+                    .filter(|r| matches!(r.outcome, ReplicaOutcome::Success(_)))
+                    .count();
+                assert_eq!(valid.len() + invalid.len(), successes);
+            }
+        }
     }
 }

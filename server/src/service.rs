@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 use crate::error::Error;
-use crate::scheduler::Policy;
+use crate::scheduler::{self, Policy};
 use crate::store::{self, AckStatus, Bounds, FindingQuery, NewStudy, NewWorker, Outcome, Store};
 use crate::{Limits, module_check};
 
@@ -96,6 +96,7 @@ impl WorkerService for Api {
                 cores: p.cores.min(1 << 20) as i32,
                 memory_bytes: p.memory_bytes.min(i64::MAX as u64) as i64,
                 runtime: clip(&p.runtime),
+                account: (!r.account.trim().is_empty()).then(|| clip(r.account.trim())),
             })
             .await?;
         tracing::info!(worker = %id, arch = %p.arch, os = %p.os, cores = p.cores, "worker registered");
@@ -113,6 +114,26 @@ impl WorkerService for Api {
         let worker = self.worker(r.auth.as_ref()).await?;
         let max = r.max.clamp(1, self.limits.fetch_batch_cap()) as i64;
         let claimed = self.store.claim(worker, max).await?;
+        if claimed.is_empty() {
+            // Nothing handed out: say so plainly if the worker may not have work.
+            match self.store.standing(worker).await? {
+                Some(s) if s.blocked => {
+                    return Err(Error::PermissionDenied(
+                        "this worker is blocked by the operator".into(),
+                    )
+                    .into());
+                }
+                Some(s) if s.quota_left == 0 => {
+                    return Err(Error::ResourceExhausted(format!(
+                        "daily quota of {} replicas used; it resets at {} (unix {}); the quota \
+                         halves on error or invalid results and grows back on valid ones",
+                        s.daily_quota, s.resets_at, s.resets_unix
+                    ))
+                    .into());
+                }
+                _ => {}
+            }
+        }
         let assignments: Vec<pb::Assignment> = claimed
             .into_iter()
             .map(|c| pb::Assignment {
@@ -328,6 +349,19 @@ impl ResearchService for Api {
             .into());
         }
         let p = r.policy.unwrap_or_default();
+        let mut tolerance = scheduler::Tolerance::new();
+        for t in &r.tolerance {
+            let ok = |v: f64| v.is_finite() && v >= 0.0;
+            if t.metric.is_empty() || !ok(t.abs) || !ok(t.rel) || t.abs + t.rel == 0.0 {
+                return Err(Error::InvalidArgument(format!(
+                    "tolerance on {:?}: needs a metric name and a finite, non-negative abs or rel \
+                     (not both zero)",
+                    t.metric
+                ))
+                .into());
+            }
+            tolerance.insert(t.metric.clone(), (t.abs, t.rel));
+        }
         let policy = Policy::with_defaults(
             p.min_quorum,
             p.target_nresults,
@@ -336,6 +370,10 @@ impl ResearchService for Api {
             p.max_success_results,
             p.delay_bound_secs,
         )
+        .map(|policy| Policy {
+            adaptive: p.adaptive,
+            ..policy
+        })
         .map_err(Error::InvalidArgument)?;
         let bounds = self.limits.bounds(r.bounds.unwrap_or_default())?;
         let (study_id, ids) = self
@@ -345,6 +383,7 @@ impl ResearchService for Api {
                 description: store::clean_text(&r.description, 4000),
                 module_hash,
                 policy,
+                tolerance: (!tolerance.is_empty()).then_some(tolerance),
                 bounds,
                 inputs: r.work_units.into_iter().map(|w| w.input).collect(),
             })
@@ -422,6 +461,8 @@ fn finding_to_pb(f: store::FindingRow, agreeing: Vec<pb::AgreeingReplica>) -> pb
         dissenting: f.dissenting as u32,
         created_unix: f.created_unix,
         output: f.output.unwrap_or_default(),
+        unreplicated: f.unreplicated,
+        platforms: f.platforms,
     }
 }
 

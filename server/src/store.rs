@@ -67,6 +67,8 @@ pub struct NewStudy {
     pub description: String,
     pub module_hash: [u8; 32],
     pub policy: Policy,
+    /// Numeric tolerance on named metrics; `None` compares outputs by BLAKE3 hash.
+    pub tolerance: Option<scheduler::Tolerance>,
     pub bounds: Bounds,
     pub inputs: Vec<Vec<u8>>,
 }
@@ -80,6 +82,41 @@ pub struct NewWorker {
     pub cores: i32,
     pub memory_bytes: i64,
     pub runtime: String,
+    /// The volunteer account the worker belongs to; no two of its workers get replicas of one
+    /// work unit.
+    pub account: Option<String>,
+}
+
+/// Whether a worker may be handed work now, and if not, why.
+#[derive(Debug, Clone, FromRow)]
+pub struct Standing {
+    pub blocked: bool,
+    /// Replicas it may still take today (UTC).
+    pub quota_left: i32,
+    pub daily_quota: i32,
+    /// When today's quota count starts again (the next UTC midnight), seconds since the epoch.
+    pub resets_unix: i64,
+    /// The same, as "YYYY-MM-DD HH:MM UTC".
+    pub resets_at: String,
+}
+
+/// A worker's reputation, as the trust engine sees it.
+#[derive(Debug, Clone, FromRow)]
+pub struct Reputation {
+    pub account: Option<String>,
+    pub valid_count: i64,
+    pub invalid_count: i64,
+    pub error_count: i64,
+    pub timeout_count: i64,
+    pub consecutive_valid: i64,
+    pub daily_quota: i32,
+    pub blocked: bool,
+}
+
+impl Reputation {
+    pub fn error_rate(&self) -> f64 {
+        scheduler::error_rate(self.valid_count, self.invalid_count)
+    }
 }
 
 /// A replica just handed to a worker, with what it needs to run it.
@@ -166,6 +203,8 @@ pub struct FindingRow {
     pub dissenting: i32,
     pub created_unix: i64,
     pub output: Option<Vec<u8>>,
+    pub platforms: Vec<String>,
+    pub unreplicated: bool,
 }
 
 #[derive(Debug, FromRow)]
@@ -175,6 +214,46 @@ pub struct AgreeingRow {
     pub worker_id: Uuid,
     pub platform: String,
     pub fuel_used: i64,
+}
+
+/// See [`Store::invariant_breaches`]; every field counts work units (or pairs) in breach.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromRow)]
+pub struct InvariantBreaches {
+    pub over_issued: i64,
+    pub same_worker: i64,
+    pub same_account: i64,
+    pub findings_not_one: i64,
+    pub bad_canonical: i64,
+    pub stray_findings: i64,
+    pub unchecked: i64,
+}
+
+impl InvariantBreaches {
+    pub fn total(&self) -> i64 {
+        self.over_issued
+            + self.same_worker
+            + self.same_account
+            + self.findings_not_one
+            + self.bad_canonical
+            + self.stray_findings
+            + self.unchecked
+    }
+}
+
+/// How one work unit ended; see [`Store::study_outcomes`].
+#[derive(Debug, FromRow)]
+pub struct WuOutcome {
+    pub wu_id: i64,
+    pub input: Vec<u8>,
+    pub state: WuState,
+    /// The finding's output hash, if it validated.
+    pub output_hash: Option<Vec<u8>>,
+    pub confidence: Option<f64>,
+    pub unreplicated: Option<bool>,
+    /// Replicas ever issued.
+    pub replicas: i64,
+    /// Seconds from its first replica to validation or failure.
+    pub secs: Option<f64>,
 }
 
 #[derive(Debug, FromRow)]
@@ -209,6 +288,8 @@ struct LockedWu {
     max_total_results: i32,
     max_success_results: i32,
     delay_bound_secs: i32,
+    adaptive: bool,
+    tolerance: Option<sqlx::types::Json<scheduler::Tolerance>>,
     output_bytes: i64,
     unsent: i32,
     n_issued: i32,
@@ -228,6 +309,7 @@ impl LockedWu {
             max_total_results: self.max_total_results,
             max_success_results: self.max_success_results,
             delay_bound_secs: self.delay_bound_secs,
+            adaptive: self.adaptive,
         }
     }
 }
@@ -242,18 +324,116 @@ struct ReplicaRow {
     output: Option<Vec<u8>>,
     error_kind: Option<String>,
     error_message: Option<String>,
+    solo: bool,
+    platform: String,
+    /// The worker's counts now, for its estimated error rate.
+    valid_count: i64,
+    invalid_count: i64,
+    consecutive_valid: i64,
 }
 
 const LOCK_WUS: &str = "
     SELECT w.id, w.state, w.min_quorum, w.target_nresults, w.max_error_results,
-           w.max_total_results, w.max_success_results, w.delay_bound_secs, w.output_bytes,
+           w.max_total_results, w.max_success_results, w.delay_bound_secs, w.adaptive,
+           w.tolerance, w.output_bytes,
            w.unsent, w.n_issued, w.study_id, w.module_hash, w.input_hash, w.params,
            (SELECT r.output_hash FROM replicas r WHERE r.id = w.canonical_replica_id) AS canonical_hash
     FROM work_units w WHERE w.id = ANY($1) ORDER BY w.id FOR UPDATE";
 
 const REPLICAS_OF: &str = "
-    SELECT id, wu_id, worker_id, state, output_hash, output, error_kind, error_message
-    FROM replicas WHERE wu_id = ANY($1) ORDER BY id";
+    SELECT r.id, r.wu_id, r.worker_id, r.state, r.output_hash, r.output, r.error_kind,
+           r.error_message, r.solo, r.platform, k.valid_count, k.invalid_count,
+           k.consecutive_valid
+    FROM replicas r JOIN workers k ON k.id = r.worker_id WHERE r.wu_id = ANY($1) ORDER BY r.id";
+
+/// Reputation updates, one statement per kind over `$1` (worker ids, one per result, so a
+/// worker with three results in a batch counts three). A valid result extends the streak and
+/// grows the daily quota back by `$2` up to `$3`; an invalid or error result ends the streak
+/// and halves the quota; a timeout halves the quota. Never below 1.
+const CREDIT_VALID: &str = "
+    UPDATE workers w SET valid_count = w.valid_count + c.n,
+                         consecutive_valid = w.consecutive_valid + c.n,
+                         daily_quota = LEAST(w.daily_quota + $2 * c.n, $3)
+    FROM (SELECT id, count(*)::int AS n FROM UNNEST($1::uuid[]) AS id GROUP BY id) c
+    WHERE w.id = c.id";
+const CREDIT_INVALID: &str = "
+    UPDATE workers w SET invalid_count = w.invalid_count + c.n, consecutive_valid = 0,
+                         daily_quota = GREATEST(w.daily_quota >> LEAST(c.n, 30), 1)
+    FROM (SELECT id, count(*)::int AS n FROM UNNEST($1::uuid[]) AS id GROUP BY id) c
+    WHERE w.id = c.id";
+const CREDIT_ERROR: &str = "
+    UPDATE workers w SET error_count = w.error_count + c.n, consecutive_valid = 0,
+                         daily_quota = GREATEST(w.daily_quota >> LEAST(c.n, 30), 1)
+    FROM (SELECT id, count(*)::int AS n FROM UNNEST($1::uuid[]) AS id GROUP BY id) c
+    WHERE w.id = c.id";
+const CREDIT_TIMEOUT: &str = "
+    UPDATE workers w SET timeout_count = w.timeout_count + c.n,
+                         daily_quota = GREATEST(w.daily_quota >> LEAST(c.n, 30), 1)
+    FROM (SELECT id, count(*)::int AS n FROM UNNEST($1::uuid[]) AS id GROUP BY id) c
+    WHERE w.id = c.id";
+
+/// What one result did to its worker's reputation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Credit {
+    Valid,
+    Invalid,
+    Error,
+    Timeout,
+}
+
+/// Reputation changes gathered during a transaction and applied at its end, after locking the
+/// workers' rows in id order: reports and the rescuer touch many workers, and locking them in
+/// one order (always after the work units) keeps transactions from deadlocking.
+#[derive(Default)]
+struct Credits(Vec<(Uuid, Credit)>);
+
+impl Credits {
+    fn add(&mut self, worker: Uuid, credit: Credit) {
+        self.0.push((worker, credit));
+    }
+
+    fn verdict(&mut self, worker: Uuid, verdict: ValidateState) {
+        match verdict {
+            ValidateState::Valid => self.add(worker, Credit::Valid),
+            ValidateState::Invalid => self.add(worker, Credit::Invalid),
+            ValidateState::Init | ValidateState::Inconclusive => {}
+        }
+    }
+
+    /// Valid results first, so a batch holding both ends with the streak broken.
+    async fn apply(self, tx: &mut Transaction<'static, Postgres>) -> Result<(), Error> {
+        if self.0.is_empty() {
+            return Ok(());
+        }
+        let mut ids: Vec<Uuid> = self.0.iter().map(|c| c.0).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        // NO KEY UPDATE, like the updates that follow: it must not conflict with the KEY SHARE
+        // locks that foreign-key checks on replicas take on worker rows (an update of a replica
+        // row this transaction already changed re-runs its check), or two reports deadlock.
+        sqlx::query("SELECT id FROM workers WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE")
+            .bind(&ids)
+            .execute(&mut **tx)
+            .await?;
+        for (kind, sql) in [
+            (Credit::Valid, CREDIT_VALID),
+            (Credit::Invalid, CREDIT_INVALID),
+            (Credit::Error, CREDIT_ERROR),
+            (Credit::Timeout, CREDIT_TIMEOUT),
+        ] {
+            let workers: Vec<Uuid> = self.0.iter().filter(|c| c.1 == kind).map(|c| c.0).collect();
+            if workers.is_empty() {
+                continue;
+            }
+            let mut q = sqlx::query(sql).bind(workers);
+            if kind == Credit::Valid {
+                q = q.bind(scheduler::QUOTA_STEP).bind(scheduler::QUOTA_MAX);
+            }
+            q.execute(&mut **tx).await?;
+        }
+        Ok(())
+    }
+}
 
 impl Store {
     /// Connects, and applies the embedded migrations.
@@ -307,8 +487,8 @@ impl Store {
 
     pub async fn register_worker(&self, w: &NewWorker) -> Result<(), Error> {
         sqlx::query(
-            "INSERT INTO workers (id, token_hash, name, arch, os, cores, memory_bytes, runtime)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            "INSERT INTO workers (id, token_hash, name, arch, os, cores, memory_bytes, runtime, account)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
         )
         .bind(w.id)
         .bind(&w.token_hash[..])
@@ -318,9 +498,49 @@ impl Store {
         .bind(w.cores)
         .bind(w.memory_bytes)
         .bind(&w.runtime)
+        .bind(&w.account)
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    /// Whether a worker is blocked, and what is left of its daily quota.
+    pub async fn standing(&self, worker: Uuid) -> Result<Option<Standing>, Error> {
+        Ok(sqlx::query_as::<_, Standing>(
+            "SELECT blocked, daily_quota,
+                    GREATEST(daily_quota - CASE WHEN quota_day = (now() AT TIME ZONE 'UTC')::date
+                                                THEN quota_used ELSE 0 END, 0) AS quota_left,
+                    extract(epoch FROM (((now() AT TIME ZONE 'UTC')::date + 1)::timestamp
+                                        AT TIME ZONE 'UTC'))::bigint AS resets_unix,
+                    to_char((now() AT TIME ZONE 'UTC')::date + 1, 'YYYY-MM-DD') || ' 00:00 UTC'
+                        AS resets_at
+             FROM workers WHERE id = $1",
+        )
+        .bind(worker)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    pub async fn reputation(&self, worker: Uuid) -> Result<Option<Reputation>, Error> {
+        Ok(sqlx::query_as::<_, Reputation>(
+            "SELECT account, valid_count, invalid_count, error_count, timeout_count,
+                    consecutive_valid, daily_quota, blocked
+             FROM workers WHERE id = $1",
+        )
+        .bind(worker)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    /// An operator's block (or unblock): a blocked worker is refused work.
+    pub async fn set_blocked(&self, worker: Uuid, blocked: bool) -> Result<bool, Error> {
+        Ok(sqlx::query("UPDATE workers SET blocked = $2 WHERE id = $1")
+            .bind(worker)
+            .bind(blocked)
+            .execute(&self.pool)
+            .await?
+            .rows_affected()
+            == 1)
     }
 
     pub async fn worker_token_hash(&self, id: Uuid) -> Result<Option<Vec<u8>>, Error> {
@@ -364,9 +584,9 @@ impl Store {
                 "INSERT INTO work_units (study_id, module_hash, input, input_hash, params,
                      min_quorum, target_nresults, max_error_results, max_total_results,
                      max_success_results, delay_bound_secs, fuel, memory_bytes, output_bytes,
-                     wall_ms, unsent)
+                     wall_ms, unsent, adaptive, tolerance)
                  SELECT $1, $2, t.input, t.hash, t.params::jsonb, $6, $7, $8, $9, $10, $11,
-                        $12, $13, $14, $15, $7
+                        $12, $13, $14, $15, $7, $16, $17
                  FROM UNNEST($3::bytea[], $4::bytea[], $5::text[]) AS t(input, hash, params)
                  RETURNING id",
             )
@@ -385,6 +605,8 @@ impl Store {
             .bind(b.memory_bytes)
             .bind(b.output_bytes)
             .bind(b.wall_ms)
+            .bind(p.adaptive)
+            .bind(s.tolerance.as_ref().map(sqlx::types::Json))
             .fetch_all(&mut *tx)
             .await?;
             // Ids come from one sequence in insertion order, which is the input order.
@@ -395,29 +617,62 @@ impl Store {
         Ok((study_id, ids))
     }
 
-    /// Hands up to `max` replicas to a worker in one statement: locks work units that still want
-    /// replicas and that this worker holds none of, skipping units another claim has locked.
+    /// Hands up to `max` replicas to a worker in one statement. It locks the worker's row (so
+    /// its daily quota is counted exactly), looks at the next pending work units that still want
+    /// replicas and that neither this worker nor any worker of its account holds (locking them,
+    /// skipping units another claim has locked), prefers among them units with no replica on
+    /// this worker's platform yet (cross-platform validation), and takes at most what is left of
+    /// the quota. Adaptive replication happens here too: when a trusted worker takes the first
+    /// replica of an adaptive unit and the spot-check draw says no, the same statement sets the
+    /// unit's `unsent` to 0 and marks the replica `solo`, so nothing else is issued unless that
+    /// replica fails. A blocked or over-quota worker gets nothing; [`Store::standing`] says why.
     pub async fn claim(&self, worker: Uuid, max: i64) -> Result<Vec<Claimed>, Error> {
         Ok(sqlx::query_as::<_, Claimed>(
-            "WITH picked AS (
-                 SELECT w.id FROM work_units w
+            "WITH me AS (
+                 SELECT k.id, k.account, k.arch || '/' || k.os AS platform,
+                        GREATEST(LEAST($2, k.daily_quota::bigint
+                            - CASE WHEN k.quota_day = (now() AT TIME ZONE 'UTC')::date
+                                   THEN k.quota_used ELSE 0 END), 0) AS allowed,
+                        CASE WHEN k.consecutive_valid >= $3
+                                  AND (k.invalid_count + $5)::float8
+                                      / (k.valid_count + k.invalid_count + $5 + $6) <= $4
+                             THEN 1.0 / k.consecutive_valid ELSE 1.0 END AS spot_check
+                 FROM workers k WHERE k.id = $1 AND NOT k.blocked
+                 FOR NO KEY UPDATE
+             ), candidates AS (
+                 SELECT w.id, w.adaptive, w.n_issued FROM work_units w
                  WHERE w.state = 'pending' AND w.unsent > 0
-                   AND NOT EXISTS (SELECT 1 FROM replicas r WHERE r.wu_id = w.id AND r.worker_id = $1)
+                   AND NOT EXISTS (SELECT 1 FROM replicas r, me WHERE r.wu_id = w.id
+                                   AND (r.worker_id = $1 OR r.account = me.account))
                  ORDER BY w.id
-                 LIMIT $2
+                 LIMIT 4 * (SELECT allowed FROM me)
                  FOR UPDATE SKIP LOCKED
+             ), picked AS (
+                 SELECT c.id, c.adaptive AND c.n_issued = 0 AND random() >= me.spot_check AS solo
+                 FROM candidates c CROSS JOIN me
+                 ORDER BY EXISTS (SELECT 1 FROM replicas r
+                                  WHERE r.wu_id = c.id AND r.platform = me.platform), c.id
+                 LIMIT (SELECT allowed FROM me)
              ), taken AS (
-                 UPDATE work_units w SET unsent = w.unsent - 1, n_issued = w.n_issued + 1
-                 FROM picked WHERE w.id = picked.id
+                 UPDATE work_units w
+                 SET unsent = CASE WHEN p.solo THEN 0 ELSE w.unsent - 1 END,
+                     n_issued = w.n_issued + 1
+                 FROM picked p WHERE w.id = p.id
                  RETURNING w.id, w.module_hash, w.input, w.input_hash, w.fuel, w.memory_bytes,
-                           w.output_bytes, w.wall_ms, w.delay_bound_secs
+                           w.output_bytes, w.wall_ms, w.delay_bound_secs, p.solo
              ), made AS (
-                 INSERT INTO replicas (wu_id, worker_id, platform, deadline)
-                 SELECT t.id, $1,
-                        (SELECT k.arch || '/' || k.os FROM workers k WHERE k.id = $1),
-                        now() + make_interval(secs => t.delay_bound_secs)
-                 FROM taken t
+                 INSERT INTO replicas (wu_id, worker_id, account, platform, deadline, solo)
+                 SELECT t.id, $1, me.account, me.platform,
+                        now() + make_interval(secs => t.delay_bound_secs), t.solo
+                 FROM taken t CROSS JOIN me
                  RETURNING id, wu_id, deadline
+             ), counted AS (
+                 UPDATE workers k
+                 SET quota_used = (CASE WHEN k.quota_day = (now() AT TIME ZONE 'UTC')::date
+                                        THEN k.quota_used ELSE 0 END)
+                                  + (SELECT count(*) FROM taken),
+                     quota_day = (now() AT TIME ZONE 'UTC')::date
+                 WHERE k.id = $1 AND EXISTS (SELECT 1 FROM taken)
              )
              SELECT m.id AS replica_id, t.id AS wu_id, t.module_hash, t.input, t.input_hash,
                     t.fuel, t.memory_bytes, t.output_bytes, t.wall_ms,
@@ -427,6 +682,10 @@ impl Store {
         )
         .bind(worker)
         .bind(max)
+        .bind(scheduler::TRUST_AFTER_CONSECUTIVE_VALID)
+        .bind(scheduler::TRUST_MAX_ERROR_RATE)
+        .bind(scheduler::PRIOR_WRONG)
+        .bind(scheduler::PRIOR_RIGHT)
         .fetch_all(&self.pool)
         .await?)
     }
@@ -434,6 +693,10 @@ impl Store {
     /// Records a batch of results from one worker, then moves each touched work unit on. One
     /// transaction: either every acknowledged result is durable or none is.
     pub async fn report(&self, worker: Uuid, reports: &[Report]) -> Result<Vec<Ack>, Error> {
+        retry_deadlocks(|| self.report_once(worker, reports)).await
+    }
+
+    async fn report_once(&self, worker: Uuid, reports: &[Report]) -> Result<Vec<Ack>, Error> {
         let ids: Vec<i64> = reports.iter().map(|r| r.replica_id).collect();
         // Which work units these replicas belong to, to lock them first (in id order, as every
         // path does, so two transactions never wait on each other in a cycle).
@@ -452,6 +715,7 @@ impl Store {
 
         let mut acks = Vec::with_capacity(reports.len());
         let mut touched = Vec::new();
+        let mut credits = Credits::default();
         for report in reports {
             let ack = |status, message: &str| Ack {
                 replica_id: report.replica_id,
@@ -467,7 +731,7 @@ impl Store {
                 continue;
             }
             let wu = &wus[&row.wu_id];
-            let recorded = record(&mut tx, wu, &row, report).await?;
+            let recorded = record(&mut tx, wu, &row, report, &mut credits).await?;
             if recorded.status == AckStatus::Accepted {
                 touched.push(row.wu_id);
                 // Keep the in-memory view current for a second report of the same replica.
@@ -483,13 +747,18 @@ impl Store {
         }
         touched.sort_unstable();
         touched.dedup();
-        transition(&mut tx, &wus, &touched).await?;
+        transition(&mut tx, &wus, &touched, &mut credits).await?;
+        credits.apply(&mut tx).await?;
         tx.commit().await?;
         Ok(acks)
     }
 
     /// Times out replicas past their deadline and reissues their work; returns how many.
     pub async fn rescue_expired(&self, limit: i64) -> Result<u64, Error> {
+        retry_deadlocks(|| self.rescue_once(limit)).await
+    }
+
+    async fn rescue_once(&self, limit: i64) -> Result<u64, Error> {
         let wu_ids: Vec<i64> = sqlx::query_scalar(
             "SELECT DISTINCT wu_id FROM (
                  SELECT wu_id FROM replicas WHERE state = 'in_progress' AND deadline < now()
@@ -511,15 +780,12 @@ impl Store {
         .bind(&wu_ids)
         .fetch_all(&mut *tx)
         .await?;
-        sqlx::query(
-            "UPDATE workers w SET timeout_count = w.timeout_count + c.n
-             FROM (SELECT id, count(*) AS n FROM UNNEST($1::uuid[]) AS id GROUP BY id) c
-             WHERE w.id = c.id",
-        )
-        .bind(&timed_out)
-        .execute(&mut *tx)
-        .await?;
-        transition(&mut tx, &wus, &wu_ids).await?;
+        let mut credits = Credits::default();
+        for w in &timed_out {
+            credits.add(*w, Credit::Timeout);
+        }
+        transition(&mut tx, &wus, &wu_ids, &mut credits).await?;
+        credits.apply(&mut tx).await?;
         tx.commit().await?;
         Ok(timed_out.len() as u64)
     }
@@ -608,7 +874,7 @@ impl Store {
             () => {
                 "SELECT id, study_id, wu_id, module_hash, input_hash, output_hash, metrics, params,
                         confidence, dissenting, extract(epoch FROM created_at)::bigint AS created_unix,
-                        NULL::bytea AS output
+                        NULL::bytea AS output, platforms, unreplicated
                  FROM findings WHERE ($1::bigint IS NULL OR study_id = $1)"
             };
         }
@@ -636,7 +902,7 @@ impl Store {
         Ok(sqlx::query_as::<_, FindingRow>(
             "SELECT id, study_id, wu_id, module_hash, input_hash, output_hash, metrics, params,
                     confidence, dissenting, extract(epoch FROM created_at)::bigint AS created_unix,
-                    output
+                    output, platforms, unreplicated
              FROM findings WHERE id = $1",
         )
         .bind(id)
@@ -657,6 +923,55 @@ impl Store {
         .await?)
     }
 
+    /// Every work unit of a study with how it ended: its finding (if any), how many replicas
+    /// it took and how long from its first replica to its end. For the adversarial simulation
+    /// and operators' reports.
+    pub async fn study_outcomes(&self, study: i64) -> Result<Vec<WuOutcome>, Error> {
+        Ok(sqlx::query_as::<_, WuOutcome>(
+            "SELECT w.id AS wu_id, w.input, w.state, f.output_hash, f.confidence, f.unreplicated,
+                    w.n_issued::bigint AS replicas,
+                    extract(epoch FROM (w.finished_at - (SELECT min(r.issued_at) FROM replicas r
+                                                         WHERE r.wu_id = w.id)))::float8 AS secs
+             FROM work_units w LEFT JOIN findings f ON f.wu_id = w.id
+             WHERE w.study_id = $1 ORDER BY w.id",
+        )
+        .bind(study)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Counts breaches of the replication invariants among a study's work units (all zero when
+    /// the trust engine holds): more replicas than `max_total_results`, two replicas on one
+    /// worker or one account, a validated unit without exactly one finding or without a valid
+    /// canonical replica, a finding on an unvalidated unit, and a reported success on a
+    /// settled unit never checked against the canonical output.
+    pub async fn invariant_breaches(&self, study: i64) -> Result<InvariantBreaches, Error> {
+        Ok(sqlx::query_as::<_, InvariantBreaches>(
+            "WITH w AS (SELECT * FROM work_units WHERE study_id = $1),
+                  r AS (SELECT r.* FROM replicas r JOIN w ON w.id = r.wu_id)
+             SELECT
+               (SELECT count(*) FROM w WHERE n_issued > max_total_results
+                   OR (SELECT count(*) FROM r WHERE r.wu_id = w.id) > max_total_results) AS over_issued,
+               (SELECT count(*) FROM (SELECT 1 FROM r GROUP BY wu_id, worker_id
+                                      HAVING count(*) > 1) x) AS same_worker,
+               (SELECT count(*) FROM (SELECT 1 FROM r WHERE account IS NOT NULL
+                                      GROUP BY wu_id, account HAVING count(*) > 1) x) AS same_account,
+               (SELECT count(*) FROM w WHERE state = 'validated'
+                   AND (SELECT count(*) FROM findings f WHERE f.wu_id = w.id) <> 1) AS findings_not_one,
+               (SELECT count(*) FROM w WHERE state = 'validated' AND NOT EXISTS (
+                   SELECT 1 FROM r WHERE r.id = w.canonical_replica_id AND r.wu_id = w.id
+                     AND r.validate_state = 'valid')) AS bad_canonical,
+               (SELECT count(*) FROM findings f JOIN w ON w.id = f.wu_id
+                 WHERE w.state <> 'validated') AS stray_findings,
+               (SELECT count(*) FROM r JOIN w ON w.id = r.wu_id
+                 WHERE w.state = 'validated' AND r.state = 'success'
+                   AND r.validate_state = 'init') AS unchecked",
+        )
+        .bind(study)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
     pub async fn failures(&self, study: i64, limit: i64) -> Result<Vec<FailureRow>, Error> {
         Ok(sqlx::query_as::<_, FailureRow>(
             "SELECT id AS wu_id, fail_reason AS reason, params FROM work_units
@@ -666,6 +981,29 @@ impl Store {
         .bind(limit)
         .fetch_all(&self.pool)
         .await?)
+    }
+}
+
+/// Runs a transaction again (a few times) when PostgreSQL aborted it to break a deadlock or a
+/// serialization conflict. Work units and then workers are locked in id order, so this is a
+/// safety net only: the aborted transaction changed nothing and simply runs again.
+async fn retry_deadlocks<T, F, Fut>(mut attempt: F) -> Result<T, Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, Error>>,
+{
+    let mut tries = 0;
+    loop {
+        match attempt().await {
+            Err(Error::Database(sqlx::Error::Database(e)))
+                if tries < 5 && matches!(e.code().as_deref(), Some("40P01" | "40001")) =>
+            {
+                tries += 1;
+                tracing::debug!(tries, "transaction aborted by a deadlock; retrying");
+                tokio::time::sleep(Duration::from_millis(5 * tries)).await;
+            }
+            other => return other,
+        }
     }
 }
 
@@ -716,6 +1054,7 @@ async fn record(
     wu: &LockedWu,
     row: &ReplicaRow,
     report: &Report,
+    credits: &mut Credits,
 ) -> Result<Recorded, Error> {
     let done = |status, message: &str| Recorded {
         status,
@@ -814,7 +1153,7 @@ async fn record(
             .bind(validate_state)
             .execute(&mut **tx)
             .await?;
-            credit(tx, row.worker_id, validate_state).await?;
+            credits.verdict(row.worker_id, validate_state);
             ReplicaState::Success
         }
         Outcome::Error {
@@ -834,10 +1173,7 @@ async fn record(
             .bind(report.wall_micros)
             .execute(&mut **tx)
             .await?;
-            sqlx::query("UPDATE workers SET error_count = error_count + 1 WHERE id = $1")
-                .bind(row.worker_id)
-                .execute(&mut **tx)
-                .await?;
+            credits.add(row.worker_id, Credit::Error);
             ReplicaState::Error
         }
     };
@@ -846,22 +1182,6 @@ async fn record(
         message: String::new(),
         new_state,
     })
-}
-
-async fn credit(
-    tx: &mut Transaction<'static, Postgres>,
-    worker: Uuid,
-    verdict: ValidateState,
-) -> Result<(), Error> {
-    let sql = match verdict {
-        ValidateState::Valid => "UPDATE workers SET valid_count = valid_count + 1 WHERE id = $1",
-        ValidateState::Invalid => {
-            "UPDATE workers SET invalid_count = invalid_count + 1 WHERE id = $1"
-        }
-        ValidateState::Init | ValidateState::Inconclusive => return Ok(()),
-    };
-    sqlx::query(sql).bind(worker).execute(&mut **tx).await?;
-    Ok(())
 }
 
 /// Text a worker sent, fit for a `text` column: at most `max` characters and no NUL, which
@@ -876,6 +1196,7 @@ async fn transition(
     tx: &mut Transaction<'static, Postgres>,
     wus: &HashMap<i64, LockedWu>,
     ids: &[i64],
+    credits: &mut Credits,
 ) -> Result<(), Error> {
     let pending: Vec<i64> = ids
         .iter()
@@ -892,7 +1213,10 @@ async fn transition(
     for id in pending {
         let wu = &wus[&id];
         let rows = by_wu.remove(&id).unwrap_or_default();
-        let views: Vec<ReplicaView> = rows.iter().map(view).collect();
+        let mut views: Vec<ReplicaView> = rows.iter().map(view).collect();
+        if let Some(tol) = &wu.tolerance {
+            compare_within(&tol.0, &rows, &mut views);
+        }
         match scheduler::decide(&wu.policy(), wu.n_issued, wu.unsent, &views) {
             Decision::Wait { unsent } => {
                 if unsent != wu.unsent {
@@ -920,7 +1244,7 @@ async fn transition(
                 valid,
                 invalid,
             } => {
-                validate(tx, wu, &rows, canonical, &valid, &invalid).await?;
+                validate(tx, wu, &rows, canonical, &valid, &invalid, credits).await?;
             }
         }
     }
@@ -942,7 +1266,38 @@ fn view(r: &ReplicaRow) -> ReplicaView {
         )),
         ReplicaState::TimedOut | ReplicaState::HandedBack => ReplicaOutcome::Lost,
     };
-    ReplicaView { id: r.id, outcome }
+    ReplicaView {
+        id: r.id,
+        outcome,
+        // A worker that lost its trust since the claim (a spot check caught it) does not get
+        // its unchecked work validated alone: the unit goes back to replication.
+        solo: r.solo && scheduler::trusted(r.consecutive_valid, r.valid_count, r.invalid_count),
+    }
+}
+
+/// Under a study's tolerance, replaces each success's hash by that of the first earlier
+/// success it agrees with, so `decide` groups agreeing outputs as if they were equal.
+fn compare_within(tol: &scheduler::Tolerance, rows: &[ReplicaRow], views: &mut [ReplicaView]) {
+    let successes: Vec<(
+        usize,
+        scheduler::ReplicaOutcome,
+        accrete_proto::output::Metrics,
+    )> = rows
+        .iter()
+        .zip(views.iter())
+        .enumerate()
+        .filter_map(|(i, (r, v))| {
+            let metrics = parse_metrics(r.output.as_deref()?).ok()?;
+            matches!(v.outcome, ReplicaOutcome::Success(_)).then(|| (i, v.outcome.clone(), metrics))
+        })
+        .collect();
+    let metrics: Vec<_> = successes.iter().map(|s| s.2.clone()).collect();
+    for (k, rep) in scheduler::tolerance_groups(tol, &metrics)
+        .into_iter()
+        .enumerate()
+    {
+        views[successes[k].0].outcome = successes[rep].1.clone();
+    }
 }
 
 /// Settles a work unit on its canonical replica: marks verdicts, credits workers, records the
@@ -954,6 +1309,7 @@ async fn validate(
     canonical: i64,
     valid: &[i64],
     invalid: &[i64],
+    credits: &mut Credits,
 ) -> Result<(), Error> {
     let canon = rows
         .iter()
@@ -977,18 +1333,31 @@ async fn validate(
     verdict(invalid, ValidateState::Invalid)
         .execute(&mut **tx)
         .await?;
-    for (ids, column) in [(valid, "valid"), (invalid, "invalid")] {
-        let workers: Vec<Uuid> = rows
-            .iter()
-            .filter(|r| ids.contains(&r.id))
-            .map(|r| r.worker_id)
-            .collect();
-        let sql = if column == "valid" {
-            "UPDATE workers SET valid_count = valid_count + 1 WHERE id = ANY($1)"
-        } else {
-            "UPDATE workers SET invalid_count = invalid_count + 1 WHERE id = ANY($1)"
-        };
-        sqlx::query(sql).bind(&workers).execute(&mut **tx).await?;
+    // An unreplicated result was checked against nothing: it earns its worker no credit.
+    let unreplicated = valid.len() == 1 && view(canon).solo;
+    // Confidence rests on the workers' reputations before this verdict counts.
+    let voters: Vec<scheduler::Voter> = rows
+        .iter()
+        .filter(|r| valid.contains(&r.id))
+        .map(|r| scheduler::Voter {
+            error_rate: scheduler::error_rate(r.valid_count, r.invalid_count),
+            platform: r.platform.clone(),
+        })
+        .collect();
+    let confidence = scheduler::confidence(&voters);
+    let mut platforms: Vec<String> = voters.iter().map(|v| v.platform.clone()).collect();
+    platforms.sort_unstable();
+    platforms.dedup();
+    for (ids, verdict) in [
+        (valid, ValidateState::Valid),
+        (invalid, ValidateState::Invalid),
+    ] {
+        if unreplicated && verdict == ValidateState::Valid {
+            continue;
+        }
+        for r in rows.iter().filter(|r| ids.contains(&r.id)) {
+            credits.verdict(r.worker_id, verdict);
+        }
     }
     sqlx::query(
         "UPDATE work_units SET state = 'validated', canonical_replica_id = $2, unsent = 0, finished_at = now()
@@ -1000,8 +1369,8 @@ async fn validate(
     .await?;
     sqlx::query(
         "INSERT INTO findings (wu_id, study_id, module_hash, input_hash, output_hash, output, metrics,
-             params, confidence, agreeing_replicas, dissenting)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+             params, confidence, agreeing_replicas, dissenting, platforms, unreplicated)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
     )
     .bind(wu.id)
     .bind(wu.study_id)
@@ -1011,9 +1380,11 @@ async fn validate(
     .bind(&output)
     .bind(sqlx::types::Json(&metrics))
     .bind(&wu.params)
-    .bind(scheduler::confidence(valid.len()))
+    .bind(confidence)
     .bind(valid.to_vec())
     .bind(invalid.len() as i32)
+    .bind(&platforms)
+    .bind(unreplicated)
     .execute(&mut **tx)
     .await?;
     sqlx::query("UPDATE replicas SET output = NULL WHERE wu_id = $1 AND output IS NOT NULL")

@@ -6,6 +6,8 @@ mod cross_arch;
 mod devdb;
 mod e2e;
 mod faults;
+mod sim;
+mod trust;
 mod validation;
 mod worker_loop;
 

@@ -263,13 +263,19 @@ impl TestApp {
 
     /// Registers a hand-driven worker and returns its credentials.
     pub async fn register(&self, name: &str) -> pb::WorkerAuth {
+        self.register_as(name, "", "x86_64").await
+    }
+
+    /// Registers a hand-driven worker of a volunteer `account` (empty: none) on `arch`/linux.
+    pub async fn register_as(&self, name: &str, account: &str, arch: &str) -> pb::WorkerAuth {
         let r = self
             .worker_client()
             .await
             .register(pb::RegisterRequest {
                 name: name.into(),
+                account: account.into(),
                 platform: Some(pb::Platform {
-                    arch: "x86_64".into(),
+                    arch: arch.into(),
                     os: "linux".into(),
                     cores: 1,
                     memory_bytes: 1 << 30,
@@ -302,6 +308,7 @@ impl TestApp {
                 module_hash,
                 policy: Some(policy),
                 bounds: Some(bounds),
+                tolerance: vec![],
                 work_units: inputs
                     .into_iter()
                     .map(|input| pb::WorkUnitSpec { input })

@@ -34,6 +34,11 @@ struct Args {
     #[arg(long, env = "ACCRETE_WORKER_NAME")]
     name: Option<String>,
 
+    /// Volunteer account this worker belongs to; the scheduler never gives two workers of one
+    /// account replicas of the same work unit.
+    #[arg(long, env = "ACCRETE_ACCOUNT", default_value = "")]
+    account: String,
+
     /// Most work units claimed in one request.
     #[arg(long, default_value_t = 64)]
     max_batch: usize,
@@ -80,6 +85,7 @@ async fn work(args: Args) -> anyhow::Result<()> {
         config.prefetch = prefetch;
     }
     config.name = args.name;
+    config.account = args.account;
     config.max_batch = args.max_batch;
     config.drain_timeout = Duration::from_secs(args.drain_timeout_secs);
 

@@ -50,6 +50,8 @@ pub struct WorkerConfig {
     pub slots: usize,
     /// Name shown to operators (default: the host name).
     pub name: Option<String>,
+    /// The volunteer account this worker belongs to (empty: none).
+    pub account: String,
     /// Most replicas claimed by one `FetchWork` (default 64).
     pub max_batch: usize,
     /// Replicas claimed beyond the free slots, so a slot that frees up has work without a round
@@ -71,6 +73,7 @@ impl WorkerConfig {
             server: server.into(),
             slots,
             name: None,
+            account: String::new(),
             max_batch: 64,
             prefetch: slots,
             drain_timeout: Duration::from_secs(10),
@@ -123,7 +126,7 @@ pub async fn run(
         .max_decoding_message_size(accrete_proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(accrete_proto::MAX_MESSAGE_BYTES);
     let name = config.name.clone().unwrap_or_else(session::hostname);
-    let session = Arc::new(Session::new(client, name));
+    let session = Arc::new(Session::new(client, name, config.account.clone()));
     tracing::info!(
         server = %config.server,
         slots = config.slots,

@@ -20,6 +20,8 @@ pub(crate) type Client = WorkerServiceClient<Channel>;
 /// First retry delay after a failed call; doubles up to [`BACKOFF_MAX`].
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Retry delay when the scheduler says the daily quota is used up (RESOURCE_EXHAUSTED).
+const QUOTA_RETRY: Duration = Duration::from_secs(60);
 
 /// A one-way signal (shutdown, or the end of the final report flush) that tasks can wait on.
 #[derive(Clone)]
@@ -143,12 +145,13 @@ pub(crate) struct Session {
 }
 
 impl Session {
-    pub(crate) fn new(client: Client, name: String) -> Self {
+    pub(crate) fn new(client: Client, name: String, account: String) -> Self {
         Self {
             client,
             hello: RegisterRequest {
                 platform: Some(platform()),
                 name,
+                account,
             },
             auth: Mutex::new(None),
             registering: tokio::sync::Mutex::new(()),
@@ -243,7 +246,11 @@ impl Session {
                 Ok(response) => return Ok(response.into_inner()),
                 Err(status) => status,
             };
-            let delay = backoff.next_delay();
+            let mut delay = backoff.next_delay();
+            // Over quota: the message says when it resets; asking every few seconds won't help.
+            if status.code() == Code::ResourceExhausted {
+                delay = delay.max(QUOTA_RETRY);
+            }
             match verdict(rpc, &status) {
                 Verdict::Refused => return Err(CallError::Failed(status)),
                 Verdict::Transient if !rpc.retries() => return Err(CallError::Failed(status)),
@@ -319,4 +326,23 @@ pub(crate) fn hostname() -> String {
         })
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_else(|| "unknown".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_exhausted_quota_is_waited_out_and_a_block_is_final() {
+        let quota = Status::resource_exhausted("daily quota used; it resets at ...");
+        assert!(matches!(
+            verdict(Rpc::FetchWork, &quota),
+            Verdict::Transient
+        ));
+        let blocked = Status::permission_denied("this worker is blocked");
+        assert!(matches!(
+            verdict(Rpc::FetchWork, &blocked),
+            Verdict::Refused
+        ));
+    }
 }

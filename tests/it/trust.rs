@@ -1,0 +1,285 @@
+//! The trust engine over the real worker API: volunteer accounts, reputation and daily quotas,
+//! the statuses a blocked or over-quota worker gets, cross-platform assignment, and adaptive
+//! replication handing trusted workers work alone.
+
+use accrete_tests::{TestApp, v1 as pb};
+use uuid::Uuid;
+
+use crate::{bounds, count, policy};
+
+/// Any module will do: these tests play the workers by hand and never run it.
+const MODULE: &[u8] = accrete_tasks::TINY_MODEL;
+const OUTPUT: &[u8] = br#"{"metrics":{"x":1}}"#;
+
+fn inputs(n: usize) -> Vec<Vec<u8>> {
+    (0..n)
+        .map(|i| format!("{{\"i\":{i}}}").into_bytes())
+        .collect()
+}
+
+async fn fetch(
+    app: &TestApp,
+    auth: &pb::WorkerAuth,
+    max: u32,
+) -> Result<Vec<pb::Assignment>, tonic::Status> {
+    app.worker_client()
+        .await
+        .fetch_work(pb::FetchWorkRequest {
+            auth: Some(auth.clone()),
+            max,
+        })
+        .await
+        .map(|r| r.into_inner().assignments)
+}
+
+fn success(replica_id: u64, output: &[u8]) -> pb::ReplicaResult {
+    pb::ReplicaResult {
+        replica_id,
+        outcome: Some(pb::replica_result::Outcome::Success(pb::Success {
+            output: output.to_vec(),
+            output_hash: blake3::hash(output).as_bytes().to_vec(),
+            fuel_used: 1,
+        })),
+        wall_micros: 1,
+    }
+}
+
+fn failure(replica_id: u64) -> pb::ReplicaResult {
+    pb::ReplicaResult {
+        replica_id,
+        outcome: Some(pb::replica_result::Outcome::Failure(pb::Failure {
+            kind: pb::ErrorKind::Trap as i32,
+            message: "boom".into(),
+            fuel_used: 1,
+        })),
+        wall_micros: 1,
+    }
+}
+
+async fn report(app: &TestApp, auth: &pb::WorkerAuth, results: Vec<pb::ReplicaResult>) {
+    let acks = app
+        .worker_client()
+        .await
+        .report_results(pb::ReportResultsRequest {
+            auth: Some(auth.clone()),
+            results,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .acks;
+    assert!(
+        acks.iter()
+            .all(|a| a.status() == pb::ReportStatus::Accepted),
+        "{acks:?}"
+    );
+}
+
+fn id(auth: &pb::WorkerAuth) -> Uuid {
+    Uuid::parse_str(&auth.worker_id).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_of_one_account_never_share_a_work_unit() {
+    let app = TestApp::spawn().await;
+    app.submit(MODULE, inputs(1), policy(2), bounds()).await;
+    let a1 = app.register_as("a1", "alice", "x86_64").await;
+    let a2 = app.register_as("a2", "alice", "x86_64").await;
+    let b = app.register_as("b", "bob", "x86_64").await;
+    assert_eq!(fetch(&app, &a1, 1).await.unwrap().len(), 1);
+    // The unit still wants a replica, but not from alice's other worker.
+    assert!(fetch(&app, &a2, 1).await.unwrap().is_empty());
+    assert_eq!(fetch(&app, &b, 1).await.unwrap().len(), 1);
+    // And it is a database fact, not only the claim's manners.
+    let dup = sqlx::query(
+        "INSERT INTO replicas (wu_id, worker_id, account, platform, deadline)
+         SELECT wu_id, $1, 'alice', 'x', now() FROM replicas LIMIT 1",
+    )
+    .bind(id(&a2))
+    .execute(app.store.pool())
+    .await;
+    assert!(
+        dup.is_err(),
+        "a second replica on alice's account was accepted"
+    );
+    let rep = app.store.reputation(id(&a1)).await.unwrap().unwrap();
+    assert_eq!(rep.account.as_deref(), Some("alice"));
+    app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_halve_the_quota_until_the_worker_is_told_to_come_back_tomorrow() {
+    let app = TestApp::spawn().await;
+    let p = pb::ReplicationPolicy {
+        max_error_results: 20,
+        max_total_results: 30,
+        ..policy(2)
+    };
+    app.submit(MODULE, inputs(10), p, bounds()).await;
+    let w = app.register("flaky").await;
+    let got = fetch(&app, &w, 10).await.unwrap();
+    assert_eq!(got.len(), 10);
+    report(
+        &app,
+        &w,
+        got.iter().map(|a| failure(a.replica_id)).collect(),
+    )
+    .await;
+    let rep = app.store.reputation(id(&w)).await.unwrap().unwrap();
+    // 1000 halved ten times, never below 1.
+    assert_eq!(
+        (rep.error_count, rep.consecutive_valid, rep.daily_quota),
+        (10, 0, 1)
+    );
+    let err = fetch(&app, &w, 1).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("resets at"), "{}", err.message());
+
+    // A valid result grows the quota back (and a new day would reset the count).
+    let good = app.register("good").await;
+    let a = fetch(&app, &good, 1).await.unwrap();
+    let b = app.register("good2").await;
+    let bb = fetch(&app, &b, 1).await.unwrap();
+    assert_eq!(a[0].work_unit_id, bb[0].work_unit_id);
+    report(&app, &good, vec![success(a[0].replica_id, OUTPUT)]).await;
+    report(&app, &b, vec![success(bb[0].replica_id, OUTPUT)]).await;
+    let rep = app.store.reputation(id(&good)).await.unwrap().unwrap();
+    assert_eq!(
+        (rep.valid_count, rep.consecutive_valid, rep.daily_quota),
+        (1, 1, 1000)
+    );
+    app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocked_worker_is_told_so() {
+    let app = TestApp::spawn().await;
+    app.submit(MODULE, inputs(1), policy(2), bounds()).await;
+    let w = app.register("bad").await;
+    assert!(app.store.set_blocked(id(&w), true).await.unwrap());
+    let err = fetch(&app, &w, 1).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    assert!(err.message().contains("blocked"));
+    assert_eq!(count(&app, "SELECT count(*) FROM replicas").await, 0);
+    app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_replica_prefers_a_unit_not_yet_run_on_its_platform() {
+    let app = TestApp::spawn().await;
+    app.submit(MODULE, inputs(2), policy(2), bounds()).await;
+    let x1 = app.register_as("x1", "", "x86_64").await;
+    let x2 = app.register_as("x2", "", "x86_64").await;
+    let arm = app.register_as("arm", "", "aarch64").await;
+    let first = fetch(&app, &x1, 1).await.unwrap();
+    // Another x86_64 worker skips the lower unit x86_64 already runs, for the untouched one.
+    let second = fetch(&app, &x2, 1).await.unwrap();
+    assert_ne!(first[0].work_unit_id, second[0].work_unit_id);
+    // The arm worker is welcome on both.
+    let arm_got = fetch(&app, &arm, 2).await.unwrap();
+    assert_eq!(arm_got.len(), 2);
+    let on_first = arm_got
+        .iter()
+        .find(|r| r.work_unit_id == first[0].work_unit_id)
+        .unwrap();
+    report(&app, &x1, vec![success(first[0].replica_id, OUTPUT)]).await;
+    report(&app, &arm, vec![success(on_first.replica_id, OUTPUT)]).await;
+    let f = &app.findings(1).await[0];
+    assert_eq!(
+        f.platforms,
+        vec!["aarch64/linux".to_string(), "x86_64/linux".to_string()]
+    );
+    let new_x86 = accrete_server::scheduler::Voter {
+        error_rate: 0.1,
+        platform: "x86_64/linux".into(),
+    };
+    let same_platform = accrete_server::scheduler::confidence(&[new_x86.clone(), new_x86]);
+    assert!(
+        f.confidence > same_platform,
+        "{} vs {same_platform}",
+        f.confidence
+    );
+    app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adaptive_replication_lets_trusted_workers_run_alone() {
+    let app = TestApp::spawn().await;
+    let adaptive = pb::ReplicationPolicy {
+        adaptive: true,
+        ..policy(2)
+    };
+    // Warm-up: two workers agree on 45 units, so both are trusted (45 clean results).
+    app.submit(MODULE, inputs(45), adaptive, bounds()).await;
+    let (a, b) = (app.register("a").await, app.register("b").await);
+    let ra = fetch(&app, &a, 45).await.unwrap();
+    let rb = fetch(&app, &b, 45).await.unwrap();
+    assert_eq!(
+        (ra.len(), rb.len()),
+        (45, 45),
+        "new workers always run replicated work"
+    );
+    report(
+        &app,
+        &a,
+        ra.iter().map(|r| success(r.replica_id, OUTPUT)).collect(),
+    )
+    .await;
+    report(
+        &app,
+        &b,
+        rb.iter().map(|r| success(r.replica_id, OUTPUT)).collect(),
+    )
+    .await;
+    let rep = app.store.reputation(id(&a)).await.unwrap().unwrap();
+    assert_eq!(rep.consecutive_valid, 45);
+
+    // Now most of a's new adaptive units are its alone (a spot check each 1/45 of the time).
+    let study = app.submit(MODULE, inputs(40), adaptive, bounds()).await;
+    let got = fetch(&app, &a, 40).await.unwrap();
+    report(
+        &app,
+        &a,
+        got.iter().map(|r| success(r.replica_id, OUTPUT)).collect(),
+    )
+    .await;
+    let findings = app.findings(study.study_id).await;
+    let solo: Vec<_> = findings.iter().filter(|f| f.unreplicated).collect();
+    assert!(solo.len() >= 32, "only {} of 40 ran alone", solo.len());
+    assert!(solo.len() < 40 || findings.len() == 40);
+    for f in &solo {
+        assert_eq!(f.agreeing.len(), 1);
+        // One worker: confidence is its own reliability, below any replicated finding's.
+        assert!(
+            f.confidence < 0.99 && f.confidence > 0.97,
+            "{}",
+            f.confidence
+        );
+    }
+    // Spot-checked units wait for a second replica, which must not be a's.
+    let pending = count(
+        &app,
+        "SELECT count(*) FROM work_units WHERE state = 'pending'",
+    )
+    .await;
+    assert_eq!(pending as usize, 40 - solo.len());
+    // Unchecked results earn no credit.
+    let rep = app.store.reputation(id(&a)).await.unwrap().unwrap();
+    assert_eq!(rep.valid_count, 45);
+
+    // A fresh worker never gets an adaptive unit alone.
+    app.submit(MODULE, inputs(5), adaptive, bounds()).await;
+    let c = app.register("c").await;
+    let rc = fetch(&app, &c, 50).await.unwrap();
+    report(
+        &app,
+        &c,
+        rc.iter().map(|r| success(r.replica_id, OUTPUT)).collect(),
+    )
+    .await;
+    assert_eq!(
+        count(&app, "SELECT count(*) FROM replicas WHERE solo AND worker_id NOT IN (SELECT id FROM workers WHERE name = 'a')").await,
+        0
+    );
+    app.shutdown().await;
+}
