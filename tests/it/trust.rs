@@ -283,3 +283,69 @@ async fn adaptive_replication_lets_trusted_workers_run_alone() {
     );
     app.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_declared_tolerance_lets_close_metrics_agree_and_exact_is_the_default() {
+    let app = TestApp::spawn().await;
+    let mut c = app.client().await;
+    let module_hash = c.put_module(MODULE.to_vec(), "m").await.unwrap();
+    let request = |tolerance: Vec<pb::MetricTolerance>| pb::SubmitStudyRequest {
+        name: "tolerant".into(),
+        description: String::new(),
+        module_hash: module_hash.clone(),
+        policy: Some(policy(2)),
+        bounds: Some(bounds()),
+        tolerance,
+        work_units: vec![pb::WorkUnitSpec {
+            input: b"{}".to_vec(),
+        }],
+    };
+    let bad = c
+        .research
+        .submit_study(request(vec![pb::MetricTolerance {
+            metric: "loss".into(),
+            abs: -1.0,
+            rel: 0.0,
+        }]))
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+
+    let close = |loss: &str| format!(r#"{{"metrics":{{"loss":{loss},"steps":10}}}}"#).into_bytes();
+    for (tolerance, validates) in [
+        (
+            vec![pb::MetricTolerance {
+                metric: "loss".into(),
+                abs: 0.0,
+                rel: 1e-6,
+            }],
+            true,
+        ),
+        (vec![], false),
+    ] {
+        let study = c
+            .research
+            .submit_study(request(tolerance))
+            .await
+            .unwrap()
+            .into_inner();
+        let (a, b) = (app.register("a").await, app.register("b").await);
+        let ra = fetch(&app, &a, 1).await.unwrap();
+        let rb = fetch(&app, &b, 1).await.unwrap();
+        report(&app, &a, vec![success(ra[0].replica_id, &close("0.5"))]).await;
+        report(
+            &app,
+            &b,
+            vec![success(rb[0].replica_id, &close("0.5000000001"))],
+        )
+        .await;
+        let findings = app.findings(study.study_id).await;
+        assert_eq!(findings.len(), validates as usize, "tolerance: {validates}");
+        if validates {
+            // The canonical output is the first replica's.
+            assert_eq!(findings[0].output, close("0.5"));
+            assert_eq!(findings[0].agreeing.len(), 2);
+        }
+    }
+    app.shutdown().await;
+}
