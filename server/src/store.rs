@@ -298,6 +298,8 @@ struct LockedWu {
     input_hash: Vec<u8>,
     params: Option<serde_json::Value>,
     canonical_hash: Option<Vec<u8>>,
+    /// The finding's metrics, for comparing late results under a tolerance.
+    canonical_metrics: Option<sqlx::types::Json<accrete_proto::output::Metrics>>,
 }
 
 impl LockedWu {
@@ -337,7 +339,9 @@ const LOCK_WUS: &str = "
            w.max_total_results, w.max_success_results, w.delay_bound_secs, w.adaptive,
            w.tolerance, w.output_bytes,
            w.unsent, w.n_issued, w.study_id, w.module_hash, w.input_hash, w.params,
-           (SELECT r.output_hash FROM replicas r WHERE r.id = w.canonical_replica_id) AS canonical_hash
+           (SELECT r.output_hash FROM replicas r WHERE r.id = w.canonical_replica_id) AS canonical_hash,
+           (SELECT f.metrics FROM findings f WHERE f.wu_id = w.id AND w.tolerance IS NOT NULL)
+               AS canonical_metrics
     FROM work_units w WHERE w.id = ANY($1) ORDER BY w.id FOR UPDATE";
 
 const REPLICAS_OF: &str = "
@@ -1126,8 +1130,21 @@ async fn record(
         Outcome::Success { output, fuel_used } => {
             // Late results (after a timeout) still count: they credit or discredit the worker.
             let hash = blake3::hash(output);
+            let within = |tol: &scheduler::Tolerance,
+                          canonical: &accrete_proto::output::Metrics| {
+                parse_metrics(output).is_ok_and(|m| scheduler::within_tolerance(tol, canonical, &m))
+            };
             let validate_state = match (&wu.state, &wu.canonical_hash) {
                 (WuState::Validated, Some(c)) if c.as_slice() == hash.as_bytes() => {
+                    ValidateState::Valid
+                }
+                (WuState::Validated, Some(_))
+                    if wu
+                        .tolerance
+                        .as_ref()
+                        .zip(wu.canonical_metrics.as_ref())
+                        .is_some_and(|(t, c)| within(&t.0, &c.0)) =>
+                {
                     ValidateState::Valid
                 }
                 (WuState::Validated, Some(_)) => ValidateState::Invalid,

@@ -293,7 +293,11 @@ async fn a_declared_tolerance_lets_close_metrics_agree_and_exact_is_the_default(
         name: "tolerant".into(),
         description: String::new(),
         module_hash: module_hash.clone(),
-        policy: Some(policy(2)),
+        // A third replica, to report late.
+        policy: Some(pb::ReplicationPolicy {
+            target_nresults: 3,
+            ..policy(2)
+        }),
         bounds: Some(bounds()),
         tolerance,
         work_units: vec![pb::WorkUnitSpec {
@@ -329,9 +333,14 @@ async fn a_declared_tolerance_lets_close_metrics_agree_and_exact_is_the_default(
             .await
             .unwrap()
             .into_inner();
-        let (a, b) = (app.register("a").await, app.register("b").await);
+        let (a, b, late) = (
+            app.register("a").await,
+            app.register("b").await,
+            app.register("late").await,
+        );
         let ra = fetch(&app, &a, 1).await.unwrap();
         let rb = fetch(&app, &b, 1).await.unwrap();
+        let rl = fetch(&app, &late, 1).await.unwrap();
         report(&app, &a, vec![success(ra[0].replica_id, &close("0.5"))]).await;
         report(
             &app,
@@ -345,6 +354,15 @@ async fn a_declared_tolerance_lets_close_metrics_agree_and_exact_is_the_default(
             // The canonical output is the first replica's.
             assert_eq!(findings[0].output, close("0.5"));
             assert_eq!(findings[0].agreeing.len(), 2);
+            // A late result is compared with the canonical one under the same tolerance.
+            report(
+                &app,
+                &late,
+                vec![success(rl[0].replica_id, &close("0.49999999995"))],
+            )
+            .await;
+            let rep = app.store.reputation(id(&late)).await.unwrap().unwrap();
+            assert_eq!((rep.valid_count, rep.invalid_count), (1, 0));
         }
     }
     app.shutdown().await;
