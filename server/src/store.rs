@@ -113,6 +113,19 @@ pub struct Reputation {
     pub blocked: bool,
 }
 
+/// A volunteer account's reputation: its workers' counts summed, and the error rate estimated
+/// from them with the same Beta(1, 9) prior as a worker's.
+#[derive(Debug, Clone, FromRow)]
+pub struct AccountReputation {
+    pub account: String,
+    pub workers: i64,
+    pub valid_count: i64,
+    pub invalid_count: i64,
+    pub error_count: i64,
+    pub timeout_count: i64,
+    pub error_rate: f64,
+}
+
 impl Reputation {
     pub fn error_rate(&self) -> f64 {
         scheduler::error_rate(self.valid_count, self.invalid_count)
@@ -532,6 +545,21 @@ impl Store {
              FROM workers WHERE id = $1",
         )
         .bind(worker)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    /// Reputation summed over a volunteer account's workers (the `account_reputation` view).
+    pub async fn account_reputation(
+        &self,
+        account: &str,
+    ) -> Result<Option<AccountReputation>, Error> {
+        Ok(sqlx::query_as::<_, AccountReputation>(
+            "SELECT account, workers, valid_count::bigint, invalid_count::bigint,
+                    error_count::bigint, timeout_count::bigint, error_rate
+             FROM account_reputation WHERE account = $1",
+        )
+        .bind(account)
         .fetch_optional(&self.pool)
         .await?)
     }

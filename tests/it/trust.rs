@@ -104,6 +104,30 @@ async fn two_workers_of_one_account_never_share_a_work_unit() {
     );
     let rep = app.store.reputation(id(&a1)).await.unwrap().unwrap();
     assert_eq!(rep.account.as_deref(), Some("alice"));
+    // The account's reputation sums its two workers' (nothing reported yet: the prior).
+    let (ra, rb) = (fetch(&app, &a1, 1).await, fetch(&app, &b, 1).await);
+    assert!(
+        ra.unwrap().is_empty() && rb.unwrap().is_empty(),
+        "one unit, both replicas out"
+    );
+    let acct = app
+        .store
+        .account_reputation("alice")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (acct.workers, acct.valid_count, acct.invalid_count),
+        (2, 0, 0)
+    );
+    assert!((acct.error_rate - 0.1).abs() < 1e-12, "the prior mean");
+    assert!(
+        app.store
+            .account_reputation("nobody")
+            .await
+            .unwrap()
+            .is_none()
+    );
     app.shutdown().await;
 }
 
