@@ -113,6 +113,19 @@ pub struct Reputation {
     pub blocked: bool,
 }
 
+/// A volunteer account's reputation: its workers' counts summed, and the error rate estimated
+/// from them with the same Beta(1, 9) prior as a worker's.
+#[derive(Debug, Clone, FromRow)]
+pub struct AccountReputation {
+    pub account: String,
+    pub workers: i64,
+    pub valid_count: i64,
+    pub invalid_count: i64,
+    pub error_count: i64,
+    pub timeout_count: i64,
+    pub error_rate: f64,
+}
+
 impl Reputation {
     pub fn error_rate(&self) -> f64 {
         scheduler::error_rate(self.valid_count, self.invalid_count)
@@ -298,6 +311,8 @@ struct LockedWu {
     input_hash: Vec<u8>,
     params: Option<serde_json::Value>,
     canonical_hash: Option<Vec<u8>>,
+    /// The finding's metrics, for comparing late results under a tolerance.
+    canonical_metrics: Option<sqlx::types::Json<accrete_proto::output::Metrics>>,
 }
 
 impl LockedWu {
@@ -337,7 +352,9 @@ const LOCK_WUS: &str = "
            w.max_total_results, w.max_success_results, w.delay_bound_secs, w.adaptive,
            w.tolerance, w.output_bytes,
            w.unsent, w.n_issued, w.study_id, w.module_hash, w.input_hash, w.params,
-           (SELECT r.output_hash FROM replicas r WHERE r.id = w.canonical_replica_id) AS canonical_hash
+           (SELECT r.output_hash FROM replicas r WHERE r.id = w.canonical_replica_id) AS canonical_hash,
+           (SELECT f.metrics FROM findings f WHERE f.wu_id = w.id AND w.tolerance IS NOT NULL)
+               AS canonical_metrics
     FROM work_units w WHERE w.id = ANY($1) ORDER BY w.id FOR UPDATE";
 
 const REPLICAS_OF: &str = "
@@ -528,6 +545,21 @@ impl Store {
              FROM workers WHERE id = $1",
         )
         .bind(worker)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    /// Reputation summed over a volunteer account's workers (the `account_reputation` view).
+    pub async fn account_reputation(
+        &self,
+        account: &str,
+    ) -> Result<Option<AccountReputation>, Error> {
+        Ok(sqlx::query_as::<_, AccountReputation>(
+            "SELECT account, workers, valid_count::bigint, invalid_count::bigint,
+                    error_count::bigint, timeout_count::bigint, error_rate
+             FROM account_reputation WHERE account = $1",
+        )
+        .bind(account)
         .fetch_optional(&self.pool)
         .await?)
     }
@@ -1131,8 +1163,21 @@ async fn record(
         Outcome::Success { output, fuel_used } => {
             // Late results (after a timeout) still count: they credit or discredit the worker.
             let hash = blake3::hash(output);
+            let within = |tol: &scheduler::Tolerance,
+                          canonical: &accrete_proto::output::Metrics| {
+                parse_metrics(output).is_ok_and(|m| scheduler::within_tolerance(tol, canonical, &m))
+            };
             let validate_state = match (&wu.state, &wu.canonical_hash) {
                 (WuState::Validated, Some(c)) if c.as_slice() == hash.as_bytes() => {
+                    ValidateState::Valid
+                }
+                (WuState::Validated, Some(_))
+                    if wu
+                        .tolerance
+                        .as_ref()
+                        .zip(wu.canonical_metrics.as_ref())
+                        .is_some_and(|(t, c)| within(&t.0, &c.0)) =>
+                {
                     ValidateState::Valid
                 }
                 (WuState::Validated, Some(_)) => ValidateState::Invalid,

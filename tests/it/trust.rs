@@ -104,6 +104,30 @@ async fn two_workers_of_one_account_never_share_a_work_unit() {
     );
     let rep = app.store.reputation(id(&a1)).await.unwrap().unwrap();
     assert_eq!(rep.account.as_deref(), Some("alice"));
+    // The account's reputation sums its two workers' (nothing reported yet: the prior).
+    let (ra, rb) = (fetch(&app, &a1, 1).await, fetch(&app, &b, 1).await);
+    assert!(
+        ra.unwrap().is_empty() && rb.unwrap().is_empty(),
+        "one unit, both replicas out"
+    );
+    let acct = app
+        .store
+        .account_reputation("alice")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (acct.workers, acct.valid_count, acct.invalid_count),
+        (2, 0, 0)
+    );
+    assert!((acct.error_rate - 0.1).abs() < 1e-12, "the prior mean");
+    assert!(
+        app.store
+            .account_reputation("nobody")
+            .await
+            .unwrap()
+            .is_none()
+    );
     app.shutdown().await;
 }
 
@@ -281,5 +305,89 @@ async fn adaptive_replication_lets_trusted_workers_run_alone() {
         count(&app, "SELECT count(*) FROM replicas WHERE solo AND worker_id NOT IN (SELECT id FROM workers WHERE name = 'a')").await,
         0
     );
+    app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_declared_tolerance_lets_close_metrics_agree_and_exact_is_the_default() {
+    let app = TestApp::spawn().await;
+    let mut c = app.client().await;
+    let module_hash = c.put_module(MODULE.to_vec(), "m").await.unwrap();
+    let request = |tolerance: Vec<pb::MetricTolerance>| pb::SubmitStudyRequest {
+        name: "tolerant".into(),
+        description: String::new(),
+        module_hash: module_hash.clone(),
+        // A third replica, to report late.
+        policy: Some(pb::ReplicationPolicy {
+            target_nresults: 3,
+            ..policy(2)
+        }),
+        bounds: Some(bounds()),
+        tolerance,
+        work_units: vec![pb::WorkUnitSpec {
+            input: b"{}".to_vec(),
+        }],
+    };
+    let bad = c
+        .research
+        .submit_study(request(vec![pb::MetricTolerance {
+            metric: "loss".into(),
+            abs: -1.0,
+            rel: 0.0,
+        }]))
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+
+    let close = |loss: &str| format!(r#"{{"metrics":{{"loss":{loss},"steps":10}}}}"#).into_bytes();
+    for (tolerance, validates) in [
+        (
+            vec![pb::MetricTolerance {
+                metric: "loss".into(),
+                abs: 0.0,
+                rel: 1e-6,
+            }],
+            true,
+        ),
+        (vec![], false),
+    ] {
+        let study = c
+            .research
+            .submit_study(request(tolerance))
+            .await
+            .unwrap()
+            .into_inner();
+        let (a, b, late) = (
+            app.register("a").await,
+            app.register("b").await,
+            app.register("late").await,
+        );
+        let ra = fetch(&app, &a, 1).await.unwrap();
+        let rb = fetch(&app, &b, 1).await.unwrap();
+        let rl = fetch(&app, &late, 1).await.unwrap();
+        report(&app, &a, vec![success(ra[0].replica_id, &close("0.5"))]).await;
+        report(
+            &app,
+            &b,
+            vec![success(rb[0].replica_id, &close("0.5000000001"))],
+        )
+        .await;
+        let findings = app.findings(study.study_id).await;
+        assert_eq!(findings.len(), validates as usize, "tolerance: {validates}");
+        if validates {
+            // The canonical output is the first replica's.
+            assert_eq!(findings[0].output, close("0.5"));
+            assert_eq!(findings[0].agreeing.len(), 2);
+            // A late result is compared with the canonical one under the same tolerance.
+            report(
+                &app,
+                &late,
+                vec![success(rl[0].replica_id, &close("0.49999999995"))],
+            )
+            .await;
+            let rep = app.store.reputation(id(&late)).await.unwrap().unwrap();
+            assert_eq!((rep.valid_count, rep.invalid_count), (1, 0));
+        }
+    }
     app.shutdown().await;
 }
