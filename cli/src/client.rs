@@ -76,6 +76,7 @@ impl Client {
                         input: p.to_string().into_bytes(),
                     })
                     .collect(),
+                ..Default::default()
             })
             .await
             .map_err(status_error)?;

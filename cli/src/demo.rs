@@ -117,6 +117,7 @@ async fn sweep_and_report(server: &str, top: u32, started: Instant) -> anyhow::R
             order_by_metric: "val_loss".into(),
             descending: false,
             limit: top,
+            ..Default::default()
         })
         .await?;
     println!(

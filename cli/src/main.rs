@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use accrete::client::{self, Client, status_error};
 use accrete::demo::{self, DemoOptions};
+use accrete::ledger;
 use accrete::sweep::SweepSpec;
 use accrete_proto::v1 as pb;
 use anyhow::Context;
@@ -97,6 +98,34 @@ enum Command {
     },
     /// Cancels a study: its pending work units are no longer handed out.
     Cancel { study: u64 },
+    /// The hash-chained ledger of findings and evidence: verify, export, watch.
+    Ledger {
+        #[command(subcommand)]
+        action: LedgerCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum LedgerCommand {
+    /// Recomputes every entry's hash, from the server (any accrete server; no database access
+    /// needed) or from an exported file, and prints the head hash and length, or the first entry
+    /// that does not match. Exits with status 2 when the chain is broken.
+    Verify {
+        /// Verify this `accrete ledger export` file offline instead of asking the server.
+        #[arg(long)]
+        file: Option<PathBuf>,
+    },
+    /// Writes the whole ledger as JSON lines (one entry per line: seq, body, prev_hash, hash).
+    Export {
+        /// Output file (default: stdout).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Prints entries after `--after` as JSON lines, then each new entry as it is sealed.
+    Watch {
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+    },
 }
 
 #[tokio::main]
@@ -234,6 +263,7 @@ async fn main() -> anyhow::Result<()> {
                     order_by_metric: order_by.clone().unwrap_or_default(),
                     descending: desc,
                     limit,
+                    ..Default::default()
                 })
                 .await?;
             print_out(
@@ -298,6 +328,61 @@ async fn main() -> anyhow::Result<()> {
                     )
                 },
             );
+            Ok(())
+        }
+        Command::Ledger { action } => run_ledger(&cli.server, cli.json, action).await,
+    }
+}
+
+async fn run_ledger(server: &str, json: bool, action: LedgerCommand) -> anyhow::Result<()> {
+    match action {
+        LedgerCommand::Verify { file } => {
+            let verdict = match file {
+                Some(path) => ledger::verify_file(&path)?,
+                None => ledger::verify_remote(&mut Client::connect(server).await?).await?,
+            };
+            print_out(json, ledger::verdict_json(&verdict), || {
+                ledger::verdict_text(&verdict)
+            });
+            if matches!(verdict, accrete_server::ledger::Verdict::Broken { .. }) {
+                std::process::exit(2);
+            }
+            Ok(())
+        }
+        LedgerCommand::Export { out } => {
+            let mut client = Client::connect(server).await?;
+            let n = match &out {
+                Some(path) => {
+                    let file = std::fs::File::create(path)
+                        .with_context(|| format!("creating {}", path.display()))?;
+                    ledger::export(&mut client, &mut std::io::BufWriter::new(file)).await?
+                }
+                None => ledger::export(&mut client, &mut std::io::stdout().lock()).await?,
+            };
+            if out.is_some() {
+                print_out(json, serde_json::json!({ "entries": n }), || {
+                    format!("{n} entries exported")
+                });
+            }
+            Ok(())
+        }
+        LedgerCommand::Watch { after } => {
+            let mut client = Client::connect(server).await?;
+            let mut stream = client
+                .ledger
+                .watch_ledger(pb::ExportLedgerRequest { after_seq: after })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            while let Some(e) = stream.message().await.map_err(status_error)? {
+                let entry = accrete_server::ledger::Entry {
+                    seq: e.seq,
+                    body: e.body,
+                    prev_hash: e.prev_hash.try_into().unwrap_or([0xff; 32]),
+                    hash: e.hash.try_into().unwrap_or([0xff; 32]),
+                };
+                println!("{}", accrete_server::ledger::to_json_line(&entry));
+            }
             Ok(())
         }
     }

@@ -4,6 +4,7 @@
 mod bad_input;
 mod e2e;
 mod faults;
+mod ledger;
 mod validation;
 
 use std::time::Duration;
