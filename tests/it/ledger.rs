@@ -3,6 +3,8 @@
 //! cursors, lineage, children, leaves, best), identical-work-unit dedup, and adoption
 //! round-trips (one finding that holds up, one whose improvement was seed luck).
 
+use std::collections::HashSet;
+
 use accrete::ledger::{verify_file, verify_remote};
 use accrete_server::ledger::{Broken, Verdict};
 use accrete_tests::{TestApp, eventually, v1 as pb};
@@ -148,5 +150,412 @@ async fn ledger_chains_findings_refuses_changes_and_verify_names_an_altered_entr
         }
     ));
     std::fs::remove_dir_all(&dir).unwrap();
+    app.shutdown().await;
+}
+
+fn metric(f: &pb::Finding, name: &str) -> f64 {
+    serde_json::from_str::<serde_json::Value>(&f.metrics_json).unwrap()[name]
+        .as_f64()
+        .unwrap()
+}
+
+fn param(f: &pb::Finding, name: &str) -> serde_json::Value {
+    serde_json::from_str::<serde_json::Value>(&f.params_json).unwrap()[name].clone()
+}
+
+fn ids(fs: &[pb::Finding]) -> Vec<u64> {
+    fs.iter().map(|f| f.id).collect()
+}
+
+async fn list(app: &TestApp, req: pb::ListFindingsRequest) -> pb::ListFindingsResponse {
+    app.client()
+        .await
+        .ledger
+        .list_findings(req)
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queries_filter_order_page_and_follow_lineage() {
+    let mut app = TestApp::spawn().await;
+    app.start_worker("a", 2);
+    app.start_worker("b", 2);
+    let a_inputs = tiny_model_inputs(8, 30);
+    let a = submit(&app, a_inputs.clone(), vec![]).await;
+    app.wait_done(a.study_id, TIMEOUT).await;
+    let a_findings = app.findings(a.study_id).await;
+    assert_eq!(a_findings.len(), 8);
+
+    // Order by a metric, both ways, against a sort done here.
+    let mut by_loss = a_findings.clone();
+    by_loss.sort_by(|x, y| {
+        metric(x, "val_loss")
+            .total_cmp(&metric(y, "val_loss"))
+            .then(x.id.cmp(&y.id))
+    });
+    let asc = list(
+        &app,
+        pb::ListFindingsRequest {
+            study_id: a.study_id,
+            order_by_metric: "val_loss".into(),
+            limit: 100,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(ids(&asc.findings), ids(&by_loss));
+    assert!(asc.next_cursor.is_empty(), "one page holds them all");
+    let desc = list(
+        &app,
+        pb::ListFindingsRequest {
+            order_by_metric: "val_loss".into(),
+            descending: true,
+            limit: 100,
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut rev = ids(&by_loss);
+    rev.reverse();
+    // Ties (equal losses) keep id order in both directions' keyset; compare values instead.
+    let desc_values: Vec<f64> = desc
+        .findings
+        .iter()
+        .map(|f| metric(f, "val_loss"))
+        .collect();
+    assert!(desc_values.windows(2).all(|w| w[0] >= w[1]));
+    assert_eq!(desc.findings.len(), 8);
+
+    // Parameter filter and metric range.
+    let hidden4 = list(
+        &app,
+        pb::ListFindingsRequest {
+            order_by_metric: "val_loss".into(),
+            param_equals: [("hidden".to_string(), "4".to_string())].into(),
+            limit: 100,
+            ..Default::default()
+        },
+    )
+    .await;
+    let expected: Vec<u64> = by_loss
+        .iter()
+        .filter(|f| param(f, "hidden") == 4)
+        .map(|f| f.id)
+        .collect();
+    assert_eq!(expected.len(), 3);
+    assert_eq!(ids(&hidden4.findings), expected);
+    let cut = metric(&by_loss[3], "val_loss");
+    let ranged = list(
+        &app,
+        pb::ListFindingsRequest {
+            metric_ranges: vec![pb::MetricRange {
+                metric: "val_loss".into(),
+                min: None,
+                max: Some(cut),
+            }],
+            limit: 100,
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut expected: Vec<u64> = by_loss
+        .iter()
+        .filter(|f| metric(f, "val_loss") <= cut)
+        .map(|f| f.id)
+        .collect();
+    expected.sort_unstable();
+    assert_eq!(
+        ids(&ranged.findings),
+        expected,
+        "by id when no metric order"
+    );
+    let none = list(
+        &app,
+        pb::ListFindingsRequest {
+            param_equals: [("hidden".to_string(), "99".to_string())].into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert!(none.findings.is_empty());
+
+    // Lineage: B builds on A's best, C on B's best.
+    let best_a = by_loss[0].id;
+    let b = submit(&app, tiny_model_inputs(11, 31)[8..].to_vec(), vec![best_a]).await;
+    app.wait_done(b.study_id, TIMEOUT).await;
+    let b_findings = app.findings(b.study_id).await;
+    assert_eq!(b_findings.len(), 3);
+    assert!(b_findings.iter().all(|f| f.parent_findings == vec![best_a]));
+    let best_b = b_findings
+        .iter()
+        .min_by(|x, y| metric(x, "val_loss").total_cmp(&metric(y, "val_loss")))
+        .unwrap()
+        .id;
+    let c = submit(&app, tiny_model_inputs(13, 32)[11..].to_vec(), vec![best_b]).await;
+    app.wait_done(c.study_id, TIMEOUT).await;
+    let c_findings = app.findings(c.study_id).await;
+    let mut ledger = app.client().await.ledger;
+    let rel = |id| pb::FindingRelationRequest { finding_id: id };
+    let lineage = ledger
+        .get_lineage(rel(c_findings[0].id))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ids(&lineage.findings), vec![best_a, best_b]);
+    let children = ledger
+        .list_children(rel(best_a))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ids(&children.findings), ids(&b_findings));
+    assert!(
+        ledger
+            .list_children(rel(c_findings[0].id))
+            .await
+            .unwrap()
+            .into_inner()
+            .findings
+            .is_empty()
+    );
+    let leaves = ledger
+        .list_leaves(pb::ListLeavesRequest {
+            study_id: 0,
+            limit: 1000,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut all: Vec<u64> = [&a_findings, &b_findings, &c_findings]
+        .iter()
+        .flat_map(|fs| ids(fs))
+        .filter(|&id| id != best_a && id != best_b)
+        .collect();
+    all.sort_unstable();
+    assert_eq!(ids(&leaves.findings), all);
+    let a_leaves = ledger
+        .list_leaves(pb::ListLeavesRequest {
+            study_id: a.study_id,
+            limit: 1000,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(a_leaves.findings.len(), 7);
+    assert!(!ids(&a_leaves.findings).contains(&best_a));
+
+    // The best finding per study, lowest loss and highest loss.
+    let best = ledger
+        .best_findings(pb::BestFindingsRequest {
+            metric: "val_loss".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        ids(&best.findings),
+        vec![best_a, best_b, {
+            c_findings
+                .iter()
+                .min_by(|x, y| {
+                    metric(x, "val_loss")
+                        .total_cmp(&metric(y, "val_loss"))
+                        .then(x.id.cmp(&y.id))
+                })
+                .unwrap()
+                .id
+        }]
+    );
+    let worst_a = ledger
+        .best_findings(pb::BestFindingsRequest {
+            metric: "val_loss".into(),
+            descending: true,
+            study_id: a.study_id,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ids(&worst_a.findings), vec![by_loss.last().unwrap().id]);
+
+    // Cursor pagination in metric order, stable while findings are added between pages.
+    let page = |cursor: String| pb::ListFindingsRequest {
+        order_by_metric: "val_loss".into(),
+        limit: 4,
+        cursor,
+        ..Default::default()
+    };
+    let first = list(&app, page(String::new())).await;
+    assert_eq!(first.findings.len(), 4);
+    assert!(!first.next_cursor.is_empty());
+    let before: Vec<pb::Finding> = list(
+        &app,
+        pb::ListFindingsRequest {
+            order_by_metric: "val_loss".into(),
+            limit: 1000,
+            ..Default::default()
+        },
+    )
+    .await
+    .findings;
+    let d = submit(&app, tiny_model_inputs(16, 33)[13..].to_vec(), vec![]).await;
+    app.wait_done(d.study_id, TIMEOUT).await;
+    let mut seen = ids(&first.findings);
+    let mut cursor = first.next_cursor;
+    let last_first = metric(first.findings.last().unwrap(), "val_loss");
+    while !cursor.is_empty() {
+        let p = list(&app, page(cursor)).await;
+        for f in &p.findings {
+            assert!(
+                metric(f, "val_loss") >= last_first,
+                "a page never goes back"
+            );
+        }
+        seen.extend(ids(&p.findings));
+        cursor = p.next_cursor;
+    }
+    let unique: HashSet<u64> = seen.iter().copied().collect();
+    assert_eq!(unique.len(), seen.len(), "no finding twice across pages");
+    for f in &before {
+        assert!(
+            unique.contains(&f.id),
+            "every finding present before paging is seen"
+        );
+    }
+    // Findings added meanwhile appear on later pages unless they sort before the pages read.
+    for f in app.findings(d.study_id).await {
+        assert_eq!(
+            unique.contains(&f.id),
+            metric(&f, "val_loss") >= last_first,
+            "finding {} added between pages",
+            f.id
+        );
+    }
+    // A cursor from another ordering, or garbage, is refused.
+    let err = ledger
+        .list_findings(pb::ListFindingsRequest {
+            order_by_metric: "val_loss".into(),
+            descending: true,
+            limit: 4,
+            cursor: list(&app, page(String::new())).await.next_cursor,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    let err = ledger
+        .list_findings(pb::ListFindingsRequest {
+            cursor: "zz".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+
+    // Submitting what was already validated returns the finding instead of computing it again.
+    let mut c2 = app.client().await;
+    let module_hash = c2
+        .put_module(accrete_tasks::TINY_MODEL.to_vec(), "tiny-model")
+        .await
+        .unwrap();
+    let again = c2
+        .research
+        .submit_study(pb::SubmitStudyRequest {
+            name: "again".into(),
+            module_hash: module_hash.clone(),
+            policy: Some(policy(2)),
+            bounds: Some(bounds()),
+            work_units: vec![
+                pb::WorkUnitSpec {
+                    input: a_inputs[0].clone(),
+                },
+                pb::WorkUnitSpec {
+                    input: tiny_model_inputs(1, 34)[0].clone(),
+                },
+            ],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let twin = a_findings
+        .iter()
+        .find(|f| f.work_unit_id == a.work_unit_ids[0])
+        .unwrap();
+    assert_eq!(again.existing_findings, vec![twin.id, 0]);
+    assert_eq!(again.work_unit_ids[0], 0);
+    assert_ne!(again.work_unit_ids[1], 0);
+    // Another replication policy is another computation: no dedup.
+    let stricter = c2
+        .research
+        .submit_study(pb::SubmitStudyRequest {
+            name: "stricter".into(),
+            module_hash,
+            policy: Some(policy(3)),
+            bounds: Some(bounds()),
+            work_units: vec![pb::WorkUnitSpec {
+                input: a_inputs[0].clone(),
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stricter.existing_findings, vec![0]);
+    c2.research
+        .cancel_study(pb::CancelStudyRequest {
+            study_id: stricter.study_id,
+        })
+        .await
+        .unwrap();
+    // Parents must exist.
+    let module_hash = c2
+        .put_module(accrete_tasks::TINY_MODEL.to_vec(), "tiny-model")
+        .await
+        .unwrap();
+    let err = c2
+        .research
+        .submit_study(pb::SubmitStudyRequest {
+            name: "orphan".into(),
+            module_hash,
+            work_units: vec![pb::WorkUnitSpec {
+                input: b"{}".to_vec(),
+            }],
+            parent_findings: vec![999_999],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+
+    // The dashboard views answer.
+    app.wait_done(again.study_id, TIMEOUT).await;
+    app.store.seal_now().await.unwrap();
+    let pool = app.store.pool();
+    let (n, sealed): (i64, i64) =
+        sqlx::query_as("SELECT count(*), count(ledger_hash) FROM v_findings")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    assert_eq!((n, sealed), (17, 17));
+    let metrics: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM v_finding_metrics WHERE metric = 'val_loss'")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    assert_eq!(metrics, 17);
+    let validated: i64 =
+        sqlx::query_scalar("SELECT validated FROM v_study_progress WHERE study_id = $1")
+            .bind(a.study_id as i64)
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    assert_eq!(validated, 8);
+    let valid: i64 = sqlx::query_scalar("SELECT sum(valid_count)::bigint FROM v_worker_stats")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert!(valid >= 34, "{valid}");
     app.shutdown().await;
 }
