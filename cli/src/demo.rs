@@ -82,6 +82,7 @@ async fn sweep_and_report(server: &str, top: u32, started: Instant) -> anyhow::R
             "tiny-model",
             &spec,
             &name,
+            &[],
         )
         .await?;
     println!(

@@ -8,4 +8,5 @@
 pub mod client;
 pub mod demo;
 pub mod ledger;
+pub mod report;
 pub mod sweep;

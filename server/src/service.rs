@@ -389,6 +389,7 @@ impl ResearchService for Api {
                 replicas_timed_out: s.replicas_timed_out as u64,
                 replicas_invalid: s.replicas_invalid as u64,
                 created_unix: s.created_unix,
+                description: s.description,
             })
             .collect();
         let workers_seen_recently = self.store.workers_seen_since(120).await? as u64;

@@ -559,3 +559,169 @@ async fn queries_filter_order_page_and_follow_lineage() {
     assert!(valid >= 34, "{valid}");
     app.shutdown().await;
 }
+
+/// Tiny-model on fixed data (data_seed 7) whose init seed moves only the initialisation.
+fn tiny(hidden: u32, lr: f64, steps: u32, init_seed: u64) -> Vec<u8> {
+    serde_json::json!({
+        "data_seed": 7, "init_seed": init_seed, "hidden": hidden, "lr": lr, "steps": steps,
+        "train_size": 128, "val_size": 256, "batch": 16,
+    })
+    .to_string()
+    .into_bytes()
+}
+
+async fn adopt(app: &TestApp, finding: u64) -> pb::Adoption {
+    let mut c = app.client().await;
+    let opened = c
+        .ledger
+        .adopt(pb::AdoptRequest {
+            finding_id: finding,
+            metric: "val_loss".into(),
+            descending: false,
+            seeds: 4,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    tokio::time::timeout(
+        TIMEOUT,
+        accrete::client::wait_adoption(&mut c, opened.adoption_id),
+    )
+    .await
+    .expect("the adoption settles")
+    .unwrap()
+}
+
+/// The workers that computed replicas of a work unit.
+async fn workers_of(app: &TestApp, wu: u64) -> HashSet<String> {
+    sqlx::query_scalar::<_, uuid::Uuid>("SELECT worker_id FROM replicas WHERE wu_id = $1")
+        .bind(wu as i64)
+        .fetch_all(app.store.pool())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|u| u.to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adoption_reproduces_a_real_improvement_and_exposes_seed_luck() {
+    let mut app = TestApp::spawn().await;
+    for i in 0..4 {
+        app.start_worker(&format!("w{i}"), 1);
+    }
+    // Parents: a weak model (logistic regression) and a small noisy MLP at a typical seed.
+    let parents = submit(
+        &app,
+        vec![tiny(0, 0.05, 60, 0), tiny(4, 0.05, 60, 2)],
+        vec![],
+    )
+    .await;
+    app.wait_done(parents.study_id, TIMEOUT).await;
+    let pf = app.findings(parents.study_id).await;
+    let by_wu =
+        |fs: &[pb::Finding], wu: u64| fs.iter().find(|f| f.work_unit_id == wu).unwrap().clone();
+    let weak = by_wu(&pf, parents.work_unit_ids[0]);
+    let typical = by_wu(&pf, parents.work_unit_ids[1]);
+    // A real improvement on the weak parent: a wider, longer-trained MLP.
+    let better = submit(&app, vec![tiny(16, 0.1, 200, 0)], vec![weak.id]).await;
+    // Seed luck on the typical parent: the same model, at the init seed that happened to be best.
+    let lucky = submit(&app, vec![tiny(4, 0.05, 60, 27)], vec![typical.id]).await;
+    app.wait_done(better.study_id, TIMEOUT).await;
+    app.wait_done(lucky.study_id, TIMEOUT).await;
+    let good = app.findings(better.study_id).await.remove(0);
+    let luck = app.findings(lucky.study_id).await.remove(0);
+    assert!(metric(&good, "val_loss") < metric(&weak, "val_loss"));
+    assert!(
+        metric(&luck, "val_loss") < metric(&typical, "val_loss"),
+        "the lucky seed looks like an improvement"
+    );
+
+    // Adopting the real improvement: reproduced on other workers, holds over other seeds.
+    let a = adopt(&app, good.id).await;
+    let outcome = a.outcome.clone().unwrap();
+    assert_eq!(outcome.kind, "adopted");
+    let d: serde_json::Value = serde_json::from_str(&outcome.detail_json).unwrap();
+    assert_eq!(d["output_reproduced"], true);
+    assert_eq!(d["holds_over_seeds"], true);
+    assert_eq!(d["seed_field"], "init_seed");
+    assert_eq!(d["seeds"], serde_json::json!([0, 1, 2, 3, 4]));
+    assert_eq!(d["values"].as_array().unwrap().len(), 5);
+    assert!(d["sd"].as_f64().unwrap() > 0.0);
+    assert_eq!(d["parent_finding"], weak.id);
+    // The re-run ran on workers that did not take part in the original.
+    let rerun_wu = d["rerun_work_unit"].as_u64().unwrap();
+    let original: HashSet<String> = workers_of(&app, good.work_unit_id).await;
+    let rerun = workers_of(&app, rerun_wu).await;
+    assert!(
+        rerun.len() >= 2 && original.is_disjoint(&rerun),
+        "{original:?} {rerun:?}"
+    );
+    // The finding's confidence reflects the evidence; the parent is marked superseded.
+    let after = app.findings(better.study_id).await.remove(0);
+    assert!(after.confidence > after.validated_confidence);
+    assert!((after.confidence - outcome.confidence_after).abs() < 1e-12);
+    assert_eq!(after.evidence.len(), 1);
+    let weak_after = by_wu(&app.findings(parents.study_id).await, weak.work_unit_id);
+    assert_eq!(weak_after.evidence[0].kind, "superseded");
+
+    // Adopting the lucky one: the bytes reproduce, but over other seeds the improvement vanishes.
+    let b = adopt(&app, luck.id).await;
+    let outcome = b.outcome.clone().unwrap();
+    assert_eq!(outcome.kind, "failed_to_reproduce");
+    let d: serde_json::Value = serde_json::from_str(&outcome.detail_json).unwrap();
+    assert_eq!(d["output_reproduced"], true);
+    assert_eq!(d["holds_over_seeds"], false);
+    assert!(d["improvement"].as_f64().unwrap() < 2.0 * d["sd"].as_f64().unwrap());
+    let luck_after = app.findings(lucky.study_id).await.remove(0);
+    assert!(luck_after.confidence < luck_after.validated_confidence);
+
+    // Both outcomes are chained after their findings, and the chain verifies.
+    app.store.seal_now().await.unwrap();
+    let mut c = app.client().await;
+    for (f, e) in [(&after, &a), (&luck_after, &b)] {
+        let f = c
+            .ledger
+            .get_finding(pb::GetFindingRequest { finding_id: f.id })
+            .await
+            .unwrap()
+            .into_inner();
+        let ev = f
+            .evidence
+            .iter()
+            .find(|x| x.id == e.outcome.as_ref().unwrap().id)
+            .unwrap();
+        assert!(ev.ledger_seq > f.ledger_seq);
+        let body: String = sqlx::query_scalar("SELECT body FROM ledger WHERE seq = $1")
+            .bind(ev.ledger_seq as i64)
+            .fetch_one(app.store.pool())
+            .await
+            .unwrap();
+        let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(body["type"], "evidence");
+        assert_eq!(body["finding_entry"], accrete::client::hex(&f.ledger_hash));
+        assert_eq!(body["kind"], ev.kind);
+    }
+    assert!(matches!(
+        verify_remote(&mut c).await.unwrap(),
+        Verdict::Intact { .. }
+    ));
+
+    // The study reports say which improvement exceeds the seed noise.
+    let report = accrete::report::report(&mut c, better.study_id, "val_loss", false, 5)
+        .await
+        .unwrap();
+    assert!(report.contains("# Validated Findings Report"), "{report}");
+    assert!(report.contains("**yes**"), "{report}");
+    assert!(report.contains(&format!("| {} |", good.id)), "{report}");
+    let report = accrete::report::report(&mut c, lucky.study_id, "val_loss", false, 5)
+        .await
+        .unwrap();
+    assert!(report.contains("**no**: seed luck"), "{report}");
+    let report = accrete::report::report(&mut c, parents.study_id, "val_loss", false, 5)
+        .await
+        .unwrap();
+    assert!(report.contains("not measured"), "{report}");
+    assert!(report.contains("No work unit failed."), "{report}");
+    app.shutdown().await;
+}

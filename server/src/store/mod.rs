@@ -154,6 +154,7 @@ pub struct Ack {
 pub struct StudyStatus {
     pub study_id: i64,
     pub name: String,
+    pub description: String,
     pub module_hash: Vec<u8>,
     pub cancelled: bool,
     pub created_unix: i64,
@@ -495,7 +496,7 @@ impl Store {
     /// Progress of one study, or of all of them (`None`).
     pub async fn study_status(&self, study: Option<i64>) -> Result<Vec<StudyStatus>, Error> {
         Ok(sqlx::query_as::<_, StudyStatus>(
-            "SELECT s.id AS study_id, s.name, s.module_hash, s.cancelled,
+            "SELECT s.id AS study_id, s.name, s.description, s.module_hash, s.cancelled,
                     extract(epoch FROM s.created_at)::bigint AS created_unix,
                     coalesce(w.total, 0) AS work_units, coalesce(w.pending, 0) AS pending,
                     coalesce(w.validated, 0) AS validated, coalesce(w.failed, 0) AS failed,
