@@ -584,19 +584,20 @@ impl Api {
     /// Streams ledger entries after `after` in pages; with `follow`, then polls for new ones
     /// until the caller goes away. Polling (not LISTEN/NOTIFY) keeps every server equal.
     fn entry_stream(&self, after: u64, follow: bool) -> Result<EntryStream, Error> {
+        const PAGE: i64 = 5000;
         let mut after = id_of(after, "after_seq")?;
         let store = self.store.clone();
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
         tokio::spawn(async move {
             loop {
-                let page = match store.ledger_page(after, 1000).await {
+                let page = match store.ledger_page(after, PAGE).await {
                     Ok(p) => p,
                     Err(e) => {
                         let _ = tx.send(Err(Status::from(e))).await;
                         return;
                     }
                 };
-                let full = page.len() == 1000;
+                let full = page.len() as i64 == PAGE;
                 for row in page {
                     after = row.seq;
                     if tx.send(Ok(entry_to_pb(row))).await.is_err() {

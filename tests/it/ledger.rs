@@ -246,6 +246,19 @@ async fn queries_filter_order_page_and_follow_lineage() {
         .collect();
     assert_eq!(expected.len(), 3);
     assert_eq!(ids(&hidden4.findings), expected);
+    // A page filled by the walk along the metric index, then the rest after its cursor.
+    let filtered_page = |cursor: String| pb::ListFindingsRequest {
+        order_by_metric: "val_loss".into(),
+        param_equals: [("hidden".to_string(), "4".to_string())].into(),
+        limit: 2,
+        cursor,
+        ..Default::default()
+    };
+    let p1 = list(&app, filtered_page(String::new())).await;
+    assert_eq!(ids(&p1.findings), expected[..2]);
+    let p2 = list(&app, filtered_page(p1.next_cursor)).await;
+    assert_eq!(ids(&p2.findings), expected[2..]);
+    assert!(p2.next_cursor.is_empty());
     let cut = metric(&by_loss[3], "val_loss");
     let ranged = list(
         &app,

@@ -27,30 +27,78 @@ macro_rules! finding_cols {
 }
 
 /// Filters that apply to findings `f`: parameters contained ($3, or NULL for none) and metric
-/// ranges ($4 names, $5 minimums, $6 maximums; NULL bounds are open).
+/// ranges ($4 names, $5 minimums, $6 maximums; NULL bounds are open). `walk` hides the
+/// parameter filter from the GIN index (`IS TRUE`), so the plan walks the metric index in order
+/// and filters as it goes; otherwise the planner may start from the GIN index (see
+/// `SELECTIVE_PARAMS`).
 macro_rules! finding_filters {
+    (walk) => {
+        concat!(
+            " AND ($3::jsonb IS NULL OR (f.params @> $3::jsonb) IS TRUE)",
+            metric_ranges!()
+        )
+    };
+    (index) => {
+        concat!(" AND f.params @> $3::jsonb", metric_ranges!())
+    };
+}
+
+macro_rules! metric_ranges {
     () => {
-        " AND ($3::jsonb IS NULL OR f.params @> $3::jsonb)
-          AND NOT EXISTS (
+        " AND NOT EXISTS (
               SELECT 1 FROM UNNEST($4::text[], $5::float8[], $6::float8[]) AS r(n, lo, hi)
               WHERE NOT coalesce((f.metrics->>r.n)::float8
                   BETWEEN coalesce(r.lo, '-Infinity') AND coalesce(r.hi, 'Infinity'), false))"
     };
 }
 
-/// By metric: $1 metric, $2 study (by_study variants), $7 cursor value, $8 cursor id, $9 limit.
+/// With a parameter filter, the walk along the metric index visits at most this many entries;
+/// a filter too selective to fill the page within them is answered from the GIN index instead
+/// (fetch the matches, sort them), which is then cheap because the matches are few.
+const WALK_CAP: i64 = 5000;
+
+/// By metric: $1 metric, $2 study (by_study variants), $7 cursor value, $8 cursor id, $9 limit,
+/// $10 how many metric-index entries the walk may visit.
+///
+/// `walk` reads the metric index in order (a fenced subquery) and filters each finding as it
+/// comes; `index` lets the planner start from the parameter GIN index and sort the matches.
 macro_rules! by_metric {
-    ($study:expr, $cmp:literal, $dir:literal) => {
+    ($study:expr, $cmp:literal, $dir:literal, walk) => {
+        concat!(
+            "SELECT ",
+            finding_cols!(),
+            ", m.value AS sort_value
+             FROM (SELECT m.finding_id, m.value FROM finding_metrics m
+                   WHERE m.name = $1 AND ",
+            $study,
+            " AND (m.value, m.finding_id) ",
+            $cmp,
+            " ($7::float8, $8::bigint)
+                   ORDER BY m.value ",
+            $dir,
+            ", m.finding_id ",
+            $dir,
+            " LIMIT $10) AS m
+             JOIN findings f ON f.id = m.finding_id WHERE true",
+            finding_filters!(walk),
+            " ORDER BY m.value ",
+            $dir,
+            ", m.finding_id ",
+            $dir,
+            " LIMIT $9"
+        )
+    };
+    ($study:expr, $cmp:literal, $dir:literal, index) => {
         concat!(
             "SELECT ",
             finding_cols!(),
             ", m.value AS sort_value FROM finding_metrics m JOIN findings f ON f.id = m.finding_id
-             WHERE m.name = $1 AND ",
+             WHERE m.name = $1 AND $10::bigint > 0 AND ",
             $study,
             " AND (m.value, m.finding_id) ",
             $cmp,
             " ($7::float8, $8::bigint)",
-            finding_filters!(),
+            finding_filters!(index),
             " ORDER BY m.value ",
             $dir,
             ", m.finding_id ",
@@ -67,12 +115,13 @@ macro_rules! by_id {
             "SELECT ",
             finding_cols!(),
             ", NULL::float8 AS sort_value FROM findings f
-             WHERE ($1::text IS NULL OR true) AND ($7::float8 IS NULL OR true) AND ",
+             WHERE ($1::text IS NULL OR true) AND ($7::float8 IS NULL OR true)
+               AND ($10::bigint > 0) AND ",
             $study,
             " AND f.id ",
             $cmp,
             " $8::bigint",
-            finding_filters!(),
+            finding_filters!(walk),
             " ORDER BY f.id ",
             $dir,
             " LIMIT $9"
@@ -471,21 +520,57 @@ impl Store {
     }
 
     /// Findings by filters, in metric or id order, one page after `q.after`.
+    ///
+    /// In metric order the plan is chosen here, not by the planner, which cannot estimate
+    /// how many findings a parameter filter matches (jsonb containment has no statistics) and
+    /// otherwise sorts every match even when a walk along the metric index would stop after a
+    /// few entries: first a walk (capped at `WALK_CAP` entries when parameters are filtered);
+    /// if that does not fill the page, the GIN-first plan, which is then cheap.
     pub async fn list_findings(
         &self,
         q: &FindingQuery,
     ) -> Result<(Vec<super::FindingRow>, Option<Cursor>), Error> {
-        // Each combination is its own static statement so the planner sees which index fits.
-        let sql = match (&q.order_by_metric, q.study_id.is_some(), q.descending) {
-            (Some(_), false, false) => by_metric!("($2::bigint IS NULL)", ">", "ASC"),
-            (Some(_), false, true) => by_metric!("($2::bigint IS NULL)", "<", "DESC"),
-            (Some(_), true, false) => by_metric!("m.study_id = $2", ">", "ASC"),
-            (Some(_), true, true) => by_metric!("m.study_id = $2", "<", "DESC"),
-            (None, false, false) => by_id!("($2::bigint IS NULL)", ">", "ASC"),
-            (None, false, true) => by_id!("($2::bigint IS NULL)", "<", "DESC"),
-            (None, true, false) => by_id!("f.study_id = $2", ">", "ASC"),
-            (None, true, true) => by_id!("f.study_id = $2", "<", "DESC"),
+        let Some(_) = &q.order_by_metric else {
+            let sql = match (q.study_id.is_some(), q.descending) {
+                (false, false) => by_id!("($2::bigint IS NULL)", ">", "ASC"),
+                (false, true) => by_id!("($2::bigint IS NULL)", "<", "DESC"),
+                (true, false) => by_id!("f.study_id = $2", ">", "ASC"),
+                (true, true) => by_id!("f.study_id = $2", "<", "DESC"),
+            };
+            return self.finding_page(q, sql, i64::MAX, false).await;
         };
+        let walk = match (q.study_id.is_some(), q.descending) {
+            (false, false) => by_metric!("($2::bigint IS NULL)", ">", "ASC", walk),
+            (false, true) => by_metric!("($2::bigint IS NULL)", "<", "DESC", walk),
+            (true, false) => by_metric!("m.study_id = $2", ">", "ASC", walk),
+            (true, true) => by_metric!("m.study_id = $2", "<", "DESC", walk),
+        };
+        if q.params.is_none() {
+            return self.finding_page(q, walk, i64::MAX, true).await;
+        }
+        let (rows, next) = self.finding_page(q, walk, WALK_CAP, true).await?;
+        if rows.len() as i64 == q.limit {
+            return Ok((rows, next));
+        }
+        let index = match (q.study_id.is_some(), q.descending) {
+            (false, false) => by_metric!("($2::bigint IS NULL)", ">", "ASC", index),
+            (false, true) => by_metric!("($2::bigint IS NULL)", "<", "DESC", index),
+            (true, false) => by_metric!("m.study_id = $2", ">", "ASC", index),
+            (true, true) => by_metric!("m.study_id = $2", "<", "DESC", index),
+        };
+        self.finding_page(q, index, WALK_CAP, false).await
+    }
+
+    /// Runs one of the listing statements. `in_order` keeps the planner on the ordered index
+    /// walk: no explicit sort, and no parallel workers (their start-up costs more than the
+    /// few index entries a page needs).
+    async fn finding_page(
+        &self,
+        q: &FindingQuery,
+        sql: &'static str,
+        cap: i64,
+        in_order: bool,
+    ) -> Result<(Vec<super::FindingRow>, Option<Cursor>), Error> {
         let (start_value, start_id) = match (q.after, q.descending) {
             (Some(c), _) => (c.value, c.id),
             (None, false) => (Some(f64::NEG_INFINITY), i64::MIN),
@@ -494,6 +579,15 @@ impl Store {
         let names: Vec<&str> = q.ranges.iter().map(|r| r.metric.as_str()).collect();
         let mins: Vec<Option<f64>> = q.ranges.iter().map(|r| r.min).collect();
         let maxs: Vec<Option<f64>> = q.ranges.iter().map(|r| r.max).collect();
+        let mut tx = self.pool.begin().await?;
+        if in_order {
+            sqlx::query(
+                "SELECT set_config('enable_sort', 'off', true),
+                        set_config('max_parallel_workers_per_gather', '0', true)",
+            )
+            .execute(&mut *tx)
+            .await?;
+        }
         let rows = sqlx::query_as::<_, SortedFinding>(sqlx::AssertSqlSafe(sql))
             .bind(q.order_by_metric.as_deref())
             .bind(q.study_id)
@@ -508,8 +602,10 @@ impl Store {
             })
             .bind(start_id)
             .bind(q.limit)
-            .fetch_all(&self.pool)
+            .bind(cap)
+            .fetch_all(&mut *tx)
             .await?;
+        tx.commit().await?;
         let next = if rows.len() as i64 == q.limit {
             rows.last().map(|r| Cursor {
                 value: r.sort_value,
