@@ -48,6 +48,15 @@ async fn ledger_chains_findings_refuses_changes_and_verify_names_an_altered_entr
     let mut app = TestApp::spawn().await;
     app.start_worker("a", 2);
     app.start_worker("b", 2);
+    // A watcher subscribed before anything exists sees each entry as it is sealed.
+    let mut watch = app
+        .client()
+        .await
+        .ledger
+        .watch_ledger(pb::ExportLedgerRequest { after_seq: 0 })
+        .await
+        .unwrap()
+        .into_inner();
     let study = submit(&app, tiny_model_inputs(6, 30), vec![]).await;
     app.wait_done(study.study_id, TIMEOUT).await;
     // The servers' sealer chains the findings in the background.
@@ -55,6 +64,21 @@ async fn ledger_chains_findings_refuses_changes_and_verify_names_an_altered_entr
         ledger_len(&app).await == 6
     })
     .await;
+    let mut watched = Vec::new();
+    while watched.len() < 6 {
+        let e = tokio::time::timeout(TIMEOUT, watch.message())
+            .await
+            .expect("watch delivers sealed entries")
+            .unwrap()
+            .unwrap();
+        watched.push(e);
+    }
+    assert_eq!(
+        watched.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4, 5, 6]
+    );
+    assert!(watched.windows(2).all(|w| w[1].prev_hash == w[0].hash));
+    drop(watch);
 
     let mut c = app.client().await;
     let Verdict::Intact { len, head } = verify_remote(&mut c).await.unwrap() else {
@@ -66,6 +90,7 @@ async fn ledger_chains_findings_refuses_changes_and_verify_names_an_altered_entr
         .await
         .unwrap();
     assert_eq!(head.to_vec(), stored_head);
+    assert_eq!(watched[5].hash, stored_head);
 
     // Each finding entry carries its provenance, and the finding names its entry.
     let findings = app.findings(study.study_id).await;
