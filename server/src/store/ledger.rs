@@ -108,7 +108,8 @@ macro_rules! by_metric {
     };
 }
 
-/// By id: $1 unused, $2 study, $8 cursor id, $9 limit.
+/// By id: $2 study, $8 cursor id, $9 limit. Every listing statement is bound with the same ten
+/// parameters; the always-true terms mention the ones this order does not use.
 macro_rules! by_id {
     ($study:expr, $cmp:literal, $dir:literal) => {
         concat!(
