@@ -59,6 +59,7 @@ impl Client {
         module_name: &str,
         spec: &SweepSpec,
         name: &str,
+        parents: &[u64],
     ) -> anyhow::Result<pb::SubmitStudyResponse> {
         let inputs = spec.expand().map_err(anyhow::Error::msg)?;
         let module_hash = self.put_module(wasm, module_name).await?;
@@ -77,6 +78,7 @@ impl Client {
                         input: p.to_string().into_bytes(),
                     })
                     .collect(),
+                parent_findings: parents.to_vec(),
             })
             .await
             .map_err(status_error)?;
@@ -131,6 +133,68 @@ impl Client {
     }
 }
 
+/// `NAME=VALUE` of `--param`: the value as given (JSON text; the server reads non-JSON as a string).
+pub fn parse_param(p: &str) -> anyhow::Result<(String, String)> {
+    let (k, v) = p
+        .split_once('=')
+        .with_context(|| format!("--param {p:?}: expected NAME=VALUE"))?;
+    Ok((k.to_string(), v.to_string()))
+}
+
+/// `METRIC:MIN:MAX` of `--range`, empty bounds open.
+pub fn parse_range(r: &str) -> anyhow::Result<pb::MetricRange> {
+    let parts: Vec<&str> = r.rsplitn(3, ':').collect();
+    let [max, min, metric] = parts[..] else {
+        bail!("--range {r:?}: expected METRIC:MIN:MAX");
+    };
+    let bound = |s: &str| -> anyhow::Result<Option<f64>> {
+        if s.is_empty() {
+            Ok(None)
+        } else {
+            Ok(Some(s.parse().with_context(|| {
+                format!("--range {r:?}: bad bound {s:?}")
+            })?))
+        }
+    };
+    Ok(pb::MetricRange {
+        metric: metric.to_string(),
+        min: bound(min)?,
+        max: bound(max)?,
+    })
+}
+
+/// Polls an adoption proposal until its outcome is recorded.
+pub async fn wait_adoption(client: &mut Client, id: u64) -> anyhow::Result<pb::Adoption> {
+    loop {
+        let a = client
+            .ledger
+            .get_adoption(pb::GetAdoptionRequest { adoption_id: id })
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        if a.settled {
+            return Ok(a);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+pub fn adoption_json(a: &pb::Adoption) -> Value {
+    json!({
+        "adoption_id": a.id, "finding_id": a.finding_id, "study_id": a.study_id,
+        "settled": a.settled, "outcome": a.outcome.as_ref().map(evidence_json),
+    })
+}
+
+pub fn evidence_json(e: &pb::Evidence) -> Value {
+    json!({
+        "id": e.id, "kind": e.kind,
+        "detail": serde_json::from_str::<Value>(&e.detail_json).unwrap_or(Value::Null),
+        "confidence_after": e.confidence_after, "created_unix": e.created_unix,
+        "ledger_seq": e.ledger_seq,
+    })
+}
+
 /// A gRPC status as an error a person can read.
 pub fn status_error(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("server said {:?}: {}", s.code(), s.message())
@@ -179,6 +243,10 @@ pub fn finding_json(f: &pb::Finding) -> Value {
             "replica_id": a.replica_id, "worker_id": a.worker_id, "platform": a.platform,
             "fuel_used": a.fuel_used })).collect::<Vec<_>>(),
         "dissenting": f.dissenting, "created_unix": f.created_unix,
+        "validated_confidence": f.validated_confidence,
+        "ledger_seq": f.ledger_seq, "ledger_hash": hex(&f.ledger_hash),
+        "parent_findings": f.parent_findings,
+        "evidence": f.evidence.iter().map(evidence_json).collect::<Vec<_>>(),
     });
     if !f.output.is_empty() {
         v["output"] = serde_json::from_slice(&f.output)

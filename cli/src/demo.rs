@@ -82,6 +82,7 @@ async fn sweep_and_report(server: &str, top: u32, started: Instant) -> anyhow::R
             "tiny-model",
             &spec,
             &name,
+            &[],
         )
         .await?;
     println!(
@@ -117,6 +118,7 @@ async fn sweep_and_report(server: &str, top: u32, started: Instant) -> anyhow::R
             order_by_metric: "val_loss".into(),
             descending: false,
             limit: top,
+            ..Default::default()
         })
         .await?;
     println!(

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use accrete::client::{self, Client, status_error};
 use accrete::demo::{self, DemoOptions};
+use accrete::ledger;
 use accrete::sweep::SweepSpec;
 use accrete_proto::v1 as pb;
 use anyhow::Context;
@@ -75,6 +76,9 @@ enum Command {
         /// Print the expanded work units and stop, without contacting the server.
         #[arg(long)]
         dry_run: bool,
+        /// A finding this study builds on (repeatable): its lineage in the ledger.
+        #[arg(long = "parent")]
+        parents: Vec<u64>,
     },
     /// Shows the progress of one study, or of every study.
     Status { study: Option<u64> },
@@ -92,6 +96,67 @@ enum Command {
         /// Most findings to list (at most 1000).
         #[arg(long, default_value_t = 20)]
         limit: u32,
+        /// Only findings whose parameter NAME equals VALUE (JSON, e.g. hidden=8, act='"relu"');
+        /// repeatable.
+        #[arg(long = "param", value_name = "NAME=VALUE")]
+        params: Vec<String>,
+        /// Only findings with METRIC in [MIN, MAX]; an empty bound is open (val_loss::0.3);
+        /// repeatable.
+        #[arg(long = "range", value_name = "METRIC:MIN:MAX")]
+        ranges: Vec<String>,
+        /// Continue after this cursor (printed after a full page), with the same order.
+        #[arg(long)]
+        cursor: Option<String>,
+    },
+    /// A finding's ancestors: the findings its study builds on, theirs, and so on.
+    Lineage { finding: u64 },
+    /// Findings that build on this finding.
+    Children { finding: u64 },
+    /// The frontier: findings nothing builds on yet, of one study or of the whole ledger.
+    Leaves {
+        #[arg(long)]
+        study: Option<u64>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// The best finding by METRIC in each study (or in one).
+    Best {
+        metric: String,
+        /// Largest is best (default: smallest).
+        #[arg(long)]
+        desc: bool,
+        #[arg(long)]
+        study: Option<u64>,
+    },
+    /// Proposes adopting a finding: accrete re-runs its work unit on workers that did not take
+    /// part and, if its input has a seed (`init_seed` or `seed`), on other seeds; the outcome
+    /// (reproduced or not, metric mean and spread over seeds) becomes a ledger entry.
+    Adopt {
+        finding: u64,
+        /// The metric whose seed noise to measure (default: the finding's first metric).
+        #[arg(long)]
+        metric: Option<String>,
+        /// Larger is better for that metric.
+        #[arg(long)]
+        desc: bool,
+        /// Other seeds to run.
+        #[arg(long, default_value_t = 4)]
+        seeds: u32,
+        /// Wait for the outcome and print it.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Prints a study's Validated Findings Report in Markdown: the question, the best findings
+    /// with provenance and confidence, improvement over the parent against seed noise, failures.
+    Report {
+        study: u64,
+        #[arg(long, default_value = "val_loss")]
+        metric: String,
+        /// Larger is better for the metric.
+        #[arg(long)]
+        desc: bool,
+        #[arg(long, default_value_t = 10)]
+        top: u32,
     },
     /// Shows one finding with its provenance and canonical output.
     Finding { id: u64 },
@@ -105,6 +170,34 @@ enum Command {
     },
     /// Cancels a study: its pending work units are no longer handed out.
     Cancel { study: u64 },
+    /// The hash-chained ledger of findings and evidence: verify, export, watch.
+    Ledger {
+        #[command(subcommand)]
+        action: LedgerCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum LedgerCommand {
+    /// Recomputes every entry's hash, from the server (any accrete server; no database access
+    /// needed) or from an exported file, and prints the head hash and length, or the first entry
+    /// that does not match. Exits with status 2 when the chain is broken.
+    Verify {
+        /// Verify this `accrete ledger export` file offline instead of asking the server.
+        #[arg(long)]
+        file: Option<PathBuf>,
+    },
+    /// Writes the whole ledger as JSON lines (one entry per line: seq, body, prev_hash, hash).
+    Export {
+        /// Output file (default: stdout).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Prints entries after `--after` as JSON lines, then each new entry as it is sealed.
+    Watch {
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+    },
 }
 
 /// Errors are printed as one line with their causes, not as a backtrace: they are for people.
@@ -167,6 +260,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             name,
             wait,
             dry_run,
+            parents,
         } => {
             let text = std::fs::read_to_string(&sweep)
                 .with_context(|| format!("reading {}", sweep.display()))?;
@@ -184,17 +278,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .unwrap_or_else(|| file_stem(&sweep));
             let mut client = Client::connect(&cli.server).await?;
             let r = client
-                .submit_sweep(wasm, &file_stem(&module), &spec, &name)
+                .submit_sweep(wasm, &file_stem(&module), &spec, &name, &parents)
                 .await?;
+            let known: Vec<u64> = r
+                .existing_findings
+                .iter()
+                .copied()
+                .filter(|&f| f != 0)
+                .collect();
+            let fresh = r.work_unit_ids.len() - known.len();
             print_out(
                 cli.json,
-                serde_json::json!({ "study_id": r.study_id, "work_units": r.work_unit_ids.len() }),
+                serde_json::json!({
+                    "study_id": r.study_id, "work_units": fresh,
+                    "work_unit_ids": r.work_unit_ids, "existing_findings": r.existing_findings,
+                }),
                 || {
-                    format!(
-                        "study {}: {} work units submitted",
-                        r.study_id,
-                        r.work_unit_ids.len()
-                    )
+                    let mut line = format!("study {}: {fresh} work units submitted", r.study_id);
+                    if !known.is_empty() {
+                        line.push_str(&format!(
+                            "; {} already validated, answered by findings {known:?}",
+                            known.len()
+                        ));
+                    }
+                    line
                 },
             );
             if wait {
@@ -247,21 +354,140 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             order_by,
             desc,
             limit,
+            params,
+            ranges,
+            cursor,
         } => {
-            let findings = Client::connect(&cli.server)
+            let r = Client::connect(&cli.server)
                 .await?
-                .findings(pb::ListFindingsRequest {
+                .ledger
+                .list_findings(pb::ListFindingsRequest {
                     study_id: study.unwrap_or(0),
                     order_by_metric: order_by.clone().unwrap_or_default(),
                     descending: desc,
                     limit,
+                    param_equals: params
+                        .iter()
+                        .map(|p| client::parse_param(p))
+                        .collect::<anyhow::Result<_>>()?,
+                    metric_ranges: ranges
+                        .iter()
+                        .map(|r| client::parse_range(r))
+                        .collect::<anyhow::Result<_>>()?,
+                    cursor: cursor.unwrap_or_default(),
                 })
-                .await?;
+                .await
+                .map_err(status_error)?
+                .into_inner();
             print_out(
                 cli.json,
-                serde_json::Value::Array(findings.iter().map(client::finding_json).collect()),
-                || client::findings_table(&findings, order_by.as_deref()),
+                serde_json::Value::Array(r.findings.iter().map(client::finding_json).collect()),
+                || client::findings_table(&r.findings, order_by.as_deref()),
             );
+            // The JSON document stays the list; the cursor for the next page goes to stderr.
+            if !r.next_cursor.is_empty() {
+                eprintln!("next page: --cursor {}", r.next_cursor);
+            }
+            Ok(())
+        }
+        Command::Lineage { finding } | Command::Children { finding } => {
+            let mut c = Client::connect(&cli.server).await?;
+            let req = pb::FindingRelationRequest {
+                finding_id: finding,
+            };
+            let r = if matches!(cli.command, Command::Lineage { .. }) {
+                c.ledger.get_lineage(req).await
+            } else {
+                c.ledger.list_children(req).await
+            };
+            print_findings(
+                cli.json,
+                &r.map_err(status_error)?.into_inner().findings,
+                None,
+            );
+            Ok(())
+        }
+        Command::Leaves { study, limit } => {
+            let mut c = Client::connect(&cli.server).await?;
+            let r = c
+                .ledger
+                .list_leaves(pb::ListLeavesRequest {
+                    study_id: study.unwrap_or(0),
+                    limit,
+                })
+                .await
+                .map_err(status_error)?;
+            print_findings(cli.json, &r.into_inner().findings, None);
+            Ok(())
+        }
+        Command::Best {
+            metric,
+            desc,
+            study,
+        } => {
+            let mut c = Client::connect(&cli.server).await?;
+            let r = c
+                .ledger
+                .best_findings(pb::BestFindingsRequest {
+                    metric: metric.clone(),
+                    descending: desc,
+                    study_id: study.unwrap_or(0),
+                })
+                .await
+                .map_err(status_error)?;
+            print_findings(cli.json, &r.into_inner().findings, Some(&metric));
+            Ok(())
+        }
+        Command::Adopt {
+            finding,
+            metric,
+            desc,
+            seeds,
+            wait,
+        } => {
+            let mut c = Client::connect(&cli.server).await?;
+            let r = c
+                .ledger
+                .adopt(pb::AdoptRequest {
+                    finding_id: finding,
+                    metric: metric.unwrap_or_default(),
+                    descending: desc,
+                    seeds,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if !wait {
+                print_out(
+                    cli.json,
+                    serde_json::json!({ "adoption_id": r.adoption_id, "study_id": r.study_id }),
+                    || {
+                        format!(
+                            "adoption {} opened: re-runs in study {}",
+                            r.adoption_id, r.study_id
+                        )
+                    },
+                );
+                return Ok(());
+            }
+            let a = client::wait_adoption(&mut c, r.adoption_id).await?;
+            let json = client::adoption_json(&a);
+            print_out(cli.json, json.clone(), || {
+                serde_json::to_string_pretty(&json).unwrap_or_default()
+            });
+            Ok(())
+        }
+        Command::Report {
+            study,
+            metric,
+            desc,
+            top,
+        } => {
+            let mut c = Client::connect(&cli.server).await?;
+            let md = accrete::report::report(&mut c, study, &metric, desc, top).await?;
+            print_out(cli.json, serde_json::json!({ "markdown": md }), || {
+                md.clone()
+            });
             Ok(())
         }
         Command::Finding { id } => {
@@ -321,7 +547,70 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Ledger { action } => run_ledger(&cli.server, cli.json, action).await,
     }
+}
+
+async fn run_ledger(server: &str, json: bool, action: LedgerCommand) -> anyhow::Result<()> {
+    match action {
+        LedgerCommand::Verify { file } => {
+            let verdict = match file {
+                Some(path) => ledger::verify_file(&path)?,
+                None => ledger::verify_remote(&mut Client::connect(server).await?).await?,
+            };
+            print_out(json, ledger::verdict_json(&verdict), || {
+                ledger::verdict_text(&verdict)
+            });
+            if matches!(verdict, accrete_server::ledger::Verdict::Broken { .. }) {
+                std::process::exit(2);
+            }
+            Ok(())
+        }
+        LedgerCommand::Export { out } => {
+            let mut client = Client::connect(server).await?;
+            let n = match &out {
+                Some(path) => {
+                    let file = std::fs::File::create(path)
+                        .with_context(|| format!("creating {}", path.display()))?;
+                    ledger::export(&mut client, &mut std::io::BufWriter::new(file)).await?
+                }
+                None => ledger::export(&mut client, &mut std::io::stdout().lock()).await?,
+            };
+            if out.is_some() {
+                print_out(json, serde_json::json!({ "entries": n }), || {
+                    format!("{n} entries exported")
+                });
+            }
+            Ok(())
+        }
+        LedgerCommand::Watch { after } => {
+            let mut client = Client::connect(server).await?;
+            let mut stream = client
+                .ledger
+                .watch_ledger(pb::ExportLedgerRequest { after_seq: after })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            while let Some(e) = stream.message().await.map_err(status_error)? {
+                let entry = accrete_server::ledger::Entry {
+                    seq: e.seq,
+                    body: e.body,
+                    prev_hash: e.prev_hash.try_into().unwrap_or([0xff; 32]),
+                    hash: e.hash.try_into().unwrap_or([0xff; 32]),
+                };
+                println!("{}", accrete_server::ledger::to_json_line(&entry));
+            }
+            Ok(())
+        }
+    }
+}
+
+fn print_findings(json: bool, findings: &[pb::Finding], metric: Option<&str>) {
+    print_out(
+        json,
+        serde_json::Value::Array(findings.iter().map(client::finding_json).collect()),
+        || client::findings_table(findings, metric),
+    );
 }
 
 fn print_out(json: bool, value: serde_json::Value, text: impl FnOnce() -> String) {

@@ -71,6 +71,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             ..Default::default()
         },
         rescue_interval: Duration::from_secs_f64(args.rescue_interval_secs.max(0.05)),
+        ..Default::default()
     };
     crate::run(store, config, listener, shutdown_signal()).await?;
     tracing::info!("accrete-server stopped");

@@ -3,7 +3,10 @@
 //! Layout:
 //! - `service`: the gRPC edge (worker, research and ledger services).
 //! - `scheduler`: the transitioner's rules (validate, fail, or ask for more replicas), pure.
-//! - `store`: every SQL statement; claims, reports and the rescuer as compare-and-set.
+//! - `store`: every SQL statement; claims, reports and the rescuer as compare-and-set;
+//!   `store::ledger` seals the hash chain and answers the ledger queries.
+//! - `ledger`: the ledger's format (canonical JSON, entry hashes, verification), no database.
+//! - `adoption`: adoption proposals as pure rules (seed variants, the seed-noise test).
 //! - `module_check`: what an uploaded module must be.
 //! - `cli`: the `accrete-server` command line.
 //! - `devdb`: a throwaway PostgreSQL for the demo and for newcomers.
@@ -11,9 +14,11 @@
 //! The server keeps no state of its own beyond caches: any number of processes may serve one
 //! database, and any of them may be killed at any time.
 
+pub mod adoption;
 pub mod cli;
 pub mod devdb;
 pub mod error;
+pub mod ledger;
 pub mod module_check;
 pub mod scheduler;
 pub mod service;
@@ -27,7 +32,6 @@ use accrete_proto::v1::ledger_service_server::LedgerServiceServer;
 use accrete_proto::v1::research_service_server::ResearchServiceServer;
 use accrete_proto::v1::worker_service_server::WorkerServiceServer;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 
 pub use error::Error;
 pub use store::Store;
@@ -89,6 +93,9 @@ pub struct Config {
     pub limits: Limits,
     /// How often the rescuer looks for replicas past their deadline.
     pub rescue_interval: Duration,
+    /// How often the sealer chains new findings and evidence into the ledger (and settles
+    /// finished adoption proposals).
+    pub seal_interval: Duration,
 }
 
 impl Default for Config {
@@ -96,6 +103,7 @@ impl Default for Config {
         Config {
             limits: Limits::default(),
             rescue_interval: Duration::from_secs(1),
+            seal_interval: Duration::from_millis(500),
         }
     }
 }
@@ -110,6 +118,11 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let api = service::Api::new(store.clone(), config.limits.clone());
     let (stop_rescuer, rescuer_stopped) = tokio::sync::watch::channel(false);
+    let sealer = tokio::spawn(seal_loop(
+        store.clone(),
+        config.seal_interval,
+        rescuer_stopped.clone(),
+    ));
     let rescuer = tokio::spawn(rescue_loop(store, config.rescue_interval, rescuer_stopped));
 
     let result = tonic::transport::Server::builder()
@@ -128,11 +141,45 @@ pub async fn run(
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(
+            // Without TCP_NODELAY a small response waits on the client's delayed ACK (~40 ms).
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown,
+        )
         .await;
     let _ = stop_rescuer.send(true);
     let _ = rescuer.await;
+    let _ = sealer.await;
     result.map_err(Into::into)
+}
+
+/// Chains new findings and evidence into the ledger, then settles adoptions whose re-runs are
+/// done, on an interval. Every server runs it; an advisory lock lets one seal at a time, so
+/// validations never wait on the chain's head.
+async fn seal_loop(store: Store, every: Duration, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        loop {
+            match store.seal(5000).await {
+                Ok(0) => break,
+                Ok(n) => tracing::debug!(entries = n, "ledger entries sealed"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "sealer failed; retrying next tick");
+                    break;
+                }
+            }
+        }
+        match store.settle_adoptions().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(adoptions = n, "adoption proposals settled"),
+            Err(e) => tracing::warn!(error = %e, "settling adoptions failed; retrying next tick"),
+        }
+    }
 }
 
 /// Returns replicas past their deadline to the queue, on an interval. A failing database is

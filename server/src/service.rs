@@ -376,7 +376,19 @@ impl ResearchService for Api {
         })
         .map_err(Error::InvalidArgument)?;
         let bounds = self.limits.bounds(r.bounds.unwrap_or_default())?;
-        let (study_id, ids) = self
+        if r.parent_findings.len() > 1000 {
+            return Err(Error::InvalidArgument("at most 1000 parent findings".into()).into());
+        }
+        let parents = r
+            .parent_findings
+            .iter()
+            .map(|&p| id_of(p, "parent_findings"))
+            .collect::<Result<Vec<_>, _>>()?;
+        let missing = self.store.missing_findings(&parents).await?;
+        if !missing.is_empty() {
+            return Err(Error::NotFound(format!("no parent finding {missing:?}")).into());
+        }
+        let created = self
             .store
             .create_study(&NewStudy {
                 name: store::clean_text(&r.name, 200),
@@ -386,12 +398,25 @@ impl ResearchService for Api {
                 tolerance: (!tolerance.is_empty()).then_some(tolerance),
                 bounds,
                 inputs: r.work_units.into_iter().map(|w| w.input).collect(),
+                parents,
+                dedup: true,
             })
             .await?;
-        tracing::info!(study = study_id, work_units = ids.len(), "study submitted");
+        let known = created.existing.iter().filter(|&&f| f != 0).count();
+        tracing::info!(
+            study = created.study_id,
+            work_units = created.work_unit_ids.len() - known,
+            already_validated = known,
+            "study submitted"
+        );
         Ok(Response::new(pb::SubmitStudyResponse {
-            study_id: study_id as u64,
-            work_unit_ids: ids.into_iter().map(|i| i as u64).collect(),
+            study_id: created.study_id as u64,
+            work_unit_ids: created
+                .work_unit_ids
+                .into_iter()
+                .map(|i| i as u64)
+                .collect(),
+            existing_findings: created.existing.into_iter().map(|i| i as u64).collect(),
         }))
     }
 
@@ -423,6 +448,7 @@ impl ResearchService for Api {
                 replicas_timed_out: s.replicas_timed_out as u64,
                 replicas_invalid: s.replicas_invalid as u64,
                 created_unix: s.created_unix,
+                description: s.description,
             })
             .collect();
         let workers_seen_recently = self.store.workers_seen_since(120).await? as u64;
@@ -463,7 +489,105 @@ fn finding_to_pb(f: store::FindingRow, agreeing: Vec<pb::AgreeingReplica>) -> pb
         output: f.output.unwrap_or_default(),
         unreplicated: f.unreplicated,
         platforms: f.platforms,
+        validated_confidence: f.validated_confidence,
+        ledger_seq: f.ledger_seq.unwrap_or(0) as u64,
+        ledger_hash: Vec::new(),
+        parent_findings: Vec::new(),
+        evidence: Vec::new(),
     }
+}
+
+fn evidence_to_pb(e: store::EvidenceRow) -> pb::Evidence {
+    pb::Evidence {
+        id: e.id as u64,
+        kind: e.kind,
+        detail_json: e.detail.to_string(),
+        confidence_after: e.confidence_after,
+        created_unix: e.created_unix,
+        ledger_seq: e.ledger_seq.unwrap_or(0) as u64,
+    }
+}
+
+fn entry_to_pb(r: store::LedgerRow) -> pb::LedgerEntry {
+    pb::LedgerEntry {
+        seq: r.seq as u64,
+        body: r.body,
+        prev_hash: r.prev_hash,
+        hash: r.hash,
+    }
+}
+
+/// Cursors are opaque to callers: hex of `v1|<metric>|<a or d>|<value bits>|<id>`. They carry
+/// the ordering they came from, so one from another ordering is refused, not misread.
+fn encode_cursor(metric: Option<&str>, descending: bool, c: store::Cursor) -> String {
+    let text = format!(
+        "v1|{}|{}|{}|{}",
+        metric.unwrap_or(""),
+        if descending { 'd' } else { 'a' },
+        c.value
+            .map_or(String::new(), |v| format!("{:016x}", v.to_bits())),
+        c.id
+    );
+    crate::ledger::hex(text.as_bytes())
+}
+
+fn decode_cursor(
+    cursor: &str,
+    metric: Option<&str>,
+    descending: bool,
+) -> Result<store::Cursor, Error> {
+    let bad = || Error::InvalidArgument("malformed cursor".into());
+    let bytes = (0..cursor.len())
+        .step_by(2)
+        .map(|i| {
+            cursor
+                .get(i..i + 2)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        })
+        .collect::<Option<Vec<u8>>>()
+        .ok_or_else(bad)?;
+    let text = String::from_utf8(bytes).map_err(|_| bad())?;
+    let parts: Vec<&str> = text.rsplitn(4, '|').collect();
+    // rsplitn gives: id, value, direction, "v1|metric".
+    let [id, value, dir, head] = parts[..] else {
+        return Err(bad());
+    };
+    let cursor_metric = head.strip_prefix("v1|").ok_or_else(bad)?;
+    if cursor_metric != metric.unwrap_or("") || dir != if descending { "d" } else { "a" } {
+        return Err(Error::InvalidArgument(
+            "the cursor belongs to a listing with another order".into(),
+        ));
+    }
+    let value = if value.is_empty() {
+        None
+    } else {
+        Some(f64::from_bits(
+            u64::from_str_radix(value, 16).map_err(|_| bad())?,
+        ))
+    };
+    if metric.is_some() != value.is_some() {
+        return Err(bad());
+    }
+    Ok(store::Cursor {
+        value,
+        id: id.parse().map_err(|_| bad())?,
+    })
+}
+
+/// `param_equals` as a JSON object the parameters must contain.
+fn params_filter(m: &HashMap<String, String>) -> Option<serde_json::Value> {
+    if m.is_empty() {
+        return None;
+    }
+    let obj = m
+        .iter()
+        .map(|(k, v)| {
+            let value = serde_json::from_str::<serde_json::Value>(v)
+                .unwrap_or_else(|_| serde_json::Value::String(v.clone()));
+            (k.clone(), value)
+        })
+        .collect();
+    Some(serde_json::Value::Object(obj))
 }
 
 impl Api {
@@ -482,15 +606,85 @@ impl Api {
                     fuel_used: a.fuel_used as u64,
                 });
         }
+        let seqs: Vec<i64> = rows.iter().filter_map(|f| f.ledger_seq).collect();
+        let mut hashes = self.store.ledger_hashes(&seqs).await?;
         Ok(rows
             .into_iter()
             .map(|f| {
                 let agreeing = by_finding.remove(&f.id).unwrap_or_default();
-                finding_to_pb(f, agreeing)
+                let hash = f.ledger_seq.and_then(|s| hashes.remove(&s));
+                let mut p = finding_to_pb(f, agreeing);
+                p.ledger_hash = hash.unwrap_or_default();
+                p
             })
             .collect())
     }
+
+    async fn finding_list(
+        &self,
+        rows: Vec<store::FindingRow>,
+    ) -> Result<Response<pb::ListFindingsResponse>, Status> {
+        Ok(Response::new(pb::ListFindingsResponse {
+            findings: self.with_agreeing(rows).await?,
+            next_cursor: String::new(),
+        }))
+    }
+
+    async fn existing_finding(&self, id: u64) -> Result<i64, Error> {
+        let id = id_of(id, "finding_id")?;
+        if self.store.finding(id).await?.is_none() {
+            return Err(Error::NotFound(format!("no finding {id}")));
+        }
+        Ok(id)
+    }
+
+    fn study_filter(&self, study: u64) -> Result<Option<i64>, Error> {
+        (study != 0).then(|| id_of(study, "study_id")).transpose()
+    }
+
+    /// Streams ledger entries after `after` in pages; with `follow`, then polls for new ones
+    /// until the caller goes away. Polling (not LISTEN/NOTIFY) keeps every server equal.
+    fn entry_stream(&self, after: u64, follow: bool) -> Result<EntryStream, Error> {
+        const PAGE: i64 = 5000;
+        let mut after = id_of(after, "after_seq")?;
+        let store = self.store.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        tokio::spawn(async move {
+            loop {
+                let page = match store.ledger_page(after, PAGE).await {
+                    Ok(p) => p,
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::from(e))).await;
+                        return;
+                    }
+                };
+                let full = page.len() as i64 == PAGE;
+                for row in page {
+                    after = row.seq;
+                    if tx.send(Ok(entry_to_pb(row))).await.is_err() {
+                        return;
+                    }
+                }
+                if full {
+                    continue;
+                }
+                if !follow {
+                    return;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => {}
+                    _ = tx.closed() => return,
+                }
+            }
+        });
+        Ok(Box::pin(futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|item| (item, rx))
+        })))
+    }
 }
+
+type EntryStream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::LedgerEntry, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl LedgerService for Api {
@@ -499,26 +693,56 @@ impl LedgerService for Api {
         request: Request<pb::ListFindingsRequest>,
     ) -> Result<Response<pb::ListFindingsResponse>, Status> {
         let r = request.into_inner();
-        let study_id = (r.study_id != 0)
-            .then(|| id_of(r.study_id, "study_id"))
-            .transpose()?;
+        let study_id = self.study_filter(r.study_id)?;
         if let Some(s) = study_id
             && !self.store.study_exists(s).await?
         {
             return Err(Error::NotFound(format!("no study {s}")).into());
         }
         let limit = if r.limit == 0 { 50 } else { r.limit.min(1000) } as i64;
-        let rows = self
+        let metric = (!r.order_by_metric.is_empty()).then_some(r.order_by_metric);
+        let after = (!r.cursor.is_empty())
+            .then(|| decode_cursor(&r.cursor, metric.as_deref(), r.descending))
+            .transpose()?;
+        if r.metric_ranges.len() > 32 || r.param_equals.len() > 32 {
+            return Err(Error::InvalidArgument("at most 32 filters of each kind".into()).into());
+        }
+        let ranges = r
+            .metric_ranges
+            .into_iter()
+            .map(|m| {
+                if m.metric.is_empty() {
+                    Err(Error::InvalidArgument(
+                        "a metric range needs a metric".into(),
+                    ))
+                } else if m.min.is_some_and(f64::is_nan) || m.max.is_some_and(f64::is_nan) {
+                    Err(Error::InvalidArgument("a metric bound is NaN".into()))
+                } else {
+                    Ok(store::MetricRange {
+                        metric: m.metric,
+                        min: m.min,
+                        max: m.max,
+                    })
+                }
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let (rows, next) = self
             .store
             .list_findings(&FindingQuery {
                 study_id,
-                order_by_metric: (!r.order_by_metric.is_empty()).then_some(r.order_by_metric),
+                order_by_metric: metric.clone(),
                 descending: r.descending,
                 limit,
+                params: params_filter(&r.param_equals),
+                ranges,
+                after,
             })
             .await?;
         Ok(Response::new(pb::ListFindingsResponse {
             findings: self.with_agreeing(rows).await?,
+            next_cursor: next
+                .map(|c| encode_cursor(metric.as_deref(), r.descending, c))
+                .unwrap_or_default(),
         }))
     }
 
@@ -529,8 +753,145 @@ impl LedgerService for Api {
         let id = request.into_inner().finding_id;
         let row = self.store.finding(id_of(id, "finding_id")?).await?;
         let row = row.ok_or_else(|| Error::NotFound(format!("no finding {id}")))?;
-        let mut found = self.with_agreeing(vec![row]).await?;
-        Ok(Response::new(found.remove(0)))
+        let fid = row.id;
+        let mut found = self.with_agreeing(vec![row]).await?.remove(0);
+        found.parent_findings = self
+            .store
+            .parents_of(fid)
+            .await?
+            .into_iter()
+            .map(|p| p as u64)
+            .collect();
+        found.evidence = self
+            .store
+            .evidence_of(fid)
+            .await?
+            .into_iter()
+            .map(evidence_to_pb)
+            .collect();
+        Ok(Response::new(found))
+    }
+
+    async fn get_lineage(
+        &self,
+        request: Request<pb::FindingRelationRequest>,
+    ) -> Result<Response<pb::ListFindingsResponse>, Status> {
+        let id = self
+            .existing_finding(request.into_inner().finding_id)
+            .await?;
+        self.finding_list(self.store.lineage(id).await?).await
+    }
+
+    async fn list_children(
+        &self,
+        request: Request<pb::FindingRelationRequest>,
+    ) -> Result<Response<pb::ListFindingsResponse>, Status> {
+        let id = self
+            .existing_finding(request.into_inner().finding_id)
+            .await?;
+        self.finding_list(self.store.children(id).await?).await
+    }
+
+    async fn list_leaves(
+        &self,
+        request: Request<pb::ListLeavesRequest>,
+    ) -> Result<Response<pb::ListFindingsResponse>, Status> {
+        let r = request.into_inner();
+        let study = self.study_filter(r.study_id)?;
+        if let Some(s) = study
+            && !self.store.study_exists(s).await?
+        {
+            return Err(Error::NotFound(format!("no study {s}")).into());
+        }
+        let limit = if r.limit == 0 { 50 } else { r.limit.min(1000) } as i64;
+        self.finding_list(self.store.leaves(study, limit).await?)
+            .await
+    }
+
+    async fn best_findings(
+        &self,
+        request: Request<pb::BestFindingsRequest>,
+    ) -> Result<Response<pb::ListFindingsResponse>, Status> {
+        let r = request.into_inner();
+        if r.metric.is_empty() {
+            return Err(Error::InvalidArgument("name the metric to rank by".into()).into());
+        }
+        let study = self.study_filter(r.study_id)?;
+        self.finding_list(self.store.best(&r.metric, r.descending, study).await?)
+            .await
+    }
+
+    type ExportLedgerStream = EntryStream;
+
+    async fn export_ledger(
+        &self,
+        request: Request<pb::ExportLedgerRequest>,
+    ) -> Result<Response<EntryStream>, Status> {
+        Ok(Response::new(
+            self.entry_stream(request.into_inner().after_seq, false)?,
+        ))
+    }
+
+    type WatchLedgerStream = EntryStream;
+
+    async fn watch_ledger(
+        &self,
+        request: Request<pb::ExportLedgerRequest>,
+    ) -> Result<Response<EntryStream>, Status> {
+        Ok(Response::new(
+            self.entry_stream(request.into_inner().after_seq, true)?,
+        ))
+    }
+
+    async fn adopt(
+        &self,
+        request: Request<pb::AdoptRequest>,
+    ) -> Result<Response<pb::AdoptResponse>, Status> {
+        let r = request.into_inner();
+        let id = id_of(r.finding_id, "finding_id")?;
+        let seeds = if r.seeds == 0 { 4 } else { r.seeds };
+        if seeds > 64 {
+            return Err(Error::InvalidArgument("at most 64 seeds".into()).into());
+        }
+        let metric = (!r.metric.is_empty()).then_some(r.metric.as_str());
+        let opened = self
+            .store
+            .create_adoption(id, metric, r.descending, seeds)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("no finding {id}")))?;
+        tracing::info!(
+            finding = id,
+            adoption = opened.id,
+            study = opened.study_id,
+            "adoption proposed"
+        );
+        Ok(Response::new(pb::AdoptResponse {
+            adoption_id: opened.id as u64,
+            study_id: opened.study_id as u64,
+        }))
+    }
+
+    async fn get_adoption(
+        &self,
+        request: Request<pb::GetAdoptionRequest>,
+    ) -> Result<Response<pb::Adoption>, Status> {
+        let id = request.into_inner().adoption_id;
+        let a = self
+            .store
+            .adoption(id_of(id, "adoption_id")?)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("no adoption {id}")))?;
+        let outcome = match a.evidence_id {
+            Some(e) => self.store.evidence(e).await?.map(evidence_to_pb),
+            None => None,
+        };
+        Ok(Response::new(pb::Adoption {
+            id: a.id as u64,
+            finding_id: a.finding_id as u64,
+            study_id: a.study_id as u64,
+            settled: a.settled,
+            outcome,
+        }))
     }
 
     async fn list_failures(

@@ -494,6 +494,7 @@ async fn run_on(args: &Args, url: &str) -> anyhow::Result<Report> {
                 input: format!("{{\"i\":{i}}}").into_bytes(),
             })
             .collect(),
+        ..Default::default()
     };
     let deadline = Instant::now() + Duration::from_secs(args.max_secs);
     let mut warm_id = None;

@@ -6,6 +6,7 @@ mod cross_arch;
 mod devdb;
 mod e2e;
 mod faults;
+mod ledger;
 mod sim;
 mod trust;
 mod validation;

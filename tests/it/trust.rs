@@ -259,7 +259,11 @@ async fn adaptive_replication_lets_trusted_workers_run_alone() {
     assert_eq!(rep.consecutive_valid, 45);
 
     // Now most of a's new adaptive units are its alone (a spot check each 1/45 of the time).
-    let study = app.submit(MODULE, inputs(40), adaptive, bounds()).await;
+    // New inputs: identical units already validated would be answered by their findings.
+    let fresh: Vec<Vec<u8>> = (100..140)
+        .map(|i| format!("{{\"i\":{i}}}").into_bytes())
+        .collect();
+    let study = app.submit(MODULE, fresh, adaptive, bounds()).await;
     let got = fetch(&app, &a, 40).await.unwrap();
     report(
         &app,
@@ -327,6 +331,7 @@ async fn a_declared_tolerance_lets_close_metrics_agree_and_exact_is_the_default(
         work_units: vec![pb::WorkUnitSpec {
             input: b"{}".to_vec(),
         }],
+        ..Default::default()
     };
     let bad = c
         .research

@@ -66,6 +66,7 @@ pub struct TestApp {
 pub fn test_config() -> Config {
     Config {
         rescue_interval: Duration::from_millis(200),
+        seal_interval: Duration::from_millis(100),
         ..Config::default()
     }
 }
@@ -313,6 +314,7 @@ impl TestApp {
                     .into_iter()
                     .map(|input| pb::WorkUnitSpec { input })
                     .collect(),
+                ..Default::default()
             })
             .await
             .unwrap()

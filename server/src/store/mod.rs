@@ -13,6 +13,9 @@ use uuid::Uuid;
 use crate::error::Error;
 use crate::scheduler::{self, Decision, Policy, ReplicaOutcome, ReplicaView};
 
+mod ledger;
+pub use ledger::*;
+
 /// Where a work unit is. Mirrors the `wu_state` enum.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::Type)]
 #[sqlx(type_name = "wu_state", rename_all = "snake_case")]
@@ -71,6 +74,20 @@ pub struct NewStudy {
     pub tolerance: Option<scheduler::Tolerance>,
     pub bounds: Bounds,
     pub inputs: Vec<Vec<u8>>,
+    /// Findings the study builds on (checked to exist by the caller).
+    pub parents: Vec<i64>,
+    /// Answer inputs already validated (same module, input and policy) with their findings.
+    pub dedup: bool,
+}
+
+/// What `create_study` made: per input, a new work unit or the finding that already answers it.
+#[derive(Debug, Clone)]
+pub struct CreatedStudy {
+    pub study_id: i64,
+    /// Per input, in order; 0 where `existing` has the answer.
+    pub work_unit_ids: Vec<i64>,
+    /// Per input, in order; 0 where a work unit was created.
+    pub existing: Vec<i64>,
 }
 
 pub struct NewWorker {
@@ -187,6 +204,7 @@ pub struct Ack {
 pub struct StudyStatus {
     pub study_id: i64,
     pub name: String,
+    pub description: String,
     pub module_hash: Vec<u8>,
     pub cancelled: bool,
     pub created_unix: i64,
@@ -212,12 +230,15 @@ pub struct FindingRow {
     pub output_hash: Vec<u8>,
     pub metrics: serde_json::Value,
     pub params: Option<serde_json::Value>,
+    /// The current confidence (after later evidence).
     pub confidence: f64,
+    pub validated_confidence: f64,
     pub dissenting: i32,
     pub created_unix: i64,
     pub output: Option<Vec<u8>>,
     pub platforms: Vec<String>,
     pub unreplicated: bool,
+    pub ledger_seq: Option<i64>,
 }
 
 #[derive(Debug, FromRow)]
@@ -276,19 +297,10 @@ pub struct FailureRow {
     pub params: Option<serde_json::Value>,
 }
 
-/// Filters for listing findings.
-#[derive(Debug, Clone, Default)]
-pub struct FindingQuery {
-    pub study_id: Option<i64>,
-    pub order_by_metric: Option<String>,
-    pub descending: bool,
-    pub limit: i64,
-}
-
 /// The handle on the database; cheap to clone.
 #[derive(Clone)]
 pub struct Store {
-    pool: PgPool,
+    pub(crate) pool: PgPool,
 }
 
 #[derive(FromRow)]
@@ -592,61 +604,14 @@ impl Store {
         Ok(())
     }
 
-    /// Creates a study and all its work units in one transaction.
-    pub async fn create_study(&self, s: &NewStudy) -> Result<(i64, Vec<i64>), Error> {
+    /// Creates a study, its parent links and its work units in one transaction. With `dedup`,
+    /// an input whose identical work unit (same module, input and replication policy) already
+    /// validated gets that finding instead of a new work unit.
+    pub async fn create_study(&self, s: &NewStudy) -> Result<CreatedStudy, Error> {
         let mut tx = self.pool.begin().await?;
-        let study_id: i64 = sqlx::query_scalar(
-            "INSERT INTO studies (name, description, module_hash) VALUES ($1, $2, $3) RETURNING id",
-        )
-        .bind(&s.name)
-        .bind(&s.description)
-        .bind(&s.module_hash[..])
-        .fetch_one(&mut *tx)
-        .await?;
-        let mut ids = Vec::with_capacity(s.inputs.len());
-        for chunk in s.inputs.chunks(10_000) {
-            let hashes: Vec<Vec<u8>> = chunk
-                .iter()
-                .map(|i| blake3::hash(i).as_bytes().to_vec())
-                .collect();
-            let params: Vec<Option<String>> = chunk.iter().map(|i| params_of(i)).collect();
-            let p = &s.policy;
-            let b = &s.bounds;
-            let mut chunk_ids: Vec<i64> = sqlx::query_scalar(
-                "INSERT INTO work_units (study_id, module_hash, input, input_hash, params,
-                     min_quorum, target_nresults, max_error_results, max_total_results,
-                     max_success_results, delay_bound_secs, fuel, memory_bytes, output_bytes,
-                     wall_ms, unsent, adaptive, tolerance)
-                 SELECT $1, $2, t.input, t.hash, t.params::jsonb, $6, $7, $8, $9, $10, $11,
-                        $12, $13, $14, $15, $7, $16, $17
-                 FROM UNNEST($3::bytea[], $4::bytea[], $5::text[]) AS t(input, hash, params)
-                 RETURNING id",
-            )
-            .bind(study_id)
-            .bind(&s.module_hash[..])
-            .bind(chunk)
-            .bind(&hashes)
-            .bind(&params)
-            .bind(p.min_quorum)
-            .bind(p.target_nresults)
-            .bind(p.max_error_results)
-            .bind(p.max_total_results)
-            .bind(p.max_success_results)
-            .bind(p.delay_bound_secs)
-            .bind(b.fuel)
-            .bind(b.memory_bytes)
-            .bind(b.output_bytes)
-            .bind(b.wall_ms)
-            .bind(p.adaptive)
-            .bind(s.tolerance.as_ref().map(sqlx::types::Json))
-            .fetch_all(&mut *tx)
-            .await?;
-            // Ids come from one sequence in insertion order, which is the input order.
-            chunk_ids.sort_unstable();
-            ids.extend(chunk_ids);
-        }
+        let created = create_study_in(&mut tx, s).await?;
         tx.commit().await?;
-        Ok((study_id, ids))
+        Ok(created)
     }
 
     /// Hands up to `max` replicas to a worker in one statement. It locks the worker's row (so
@@ -658,6 +623,7 @@ impl Store {
     /// replica of an adaptive unit and the spot-check draw says no, the same statement sets the
     /// unit's `unsent` to 0 and marks the replica `solo`, so nothing else is issued unless that
     /// replica fails. A blocked or over-quota worker gets nothing; [`Store::standing`] says why.
+    /// Workers excluded from a unit (the original workers of an adoption's re-run) never get it.
     pub async fn claim(&self, worker: Uuid, max: i64) -> Result<Vec<Claimed>, Error> {
         Ok(sqlx::query_as::<_, Claimed>(
             "WITH me AS (
@@ -676,6 +642,7 @@ impl Store {
                  WHERE w.state = 'pending' AND w.unsent > 0
                    AND NOT EXISTS (SELECT 1 FROM replicas r, me WHERE r.wu_id = w.id
                                    AND (r.worker_id = $1 OR r.account = me.account))
+                   AND NOT EXISTS (SELECT 1 FROM wu_exclusions x WHERE x.wu_id = w.id AND x.worker_id = $1)
                  ORDER BY w.id
                  LIMIT 4 * (SELECT allowed FROM me)
                  FOR UPDATE SKIP LOCKED
@@ -825,7 +792,7 @@ impl Store {
     /// Progress of one study, or of all of them (`None`).
     pub async fn study_status(&self, study: Option<i64>) -> Result<Vec<StudyStatus>, Error> {
         Ok(sqlx::query_as::<_, StudyStatus>(
-            "SELECT s.id AS study_id, s.name, s.module_hash, s.cancelled,
+            "SELECT s.id AS study_id, s.name, s.description, s.module_hash, s.cancelled,
                     extract(epoch FROM s.created_at)::bigint AS created_unix,
                     coalesce(w.total, 0) AS work_units, coalesce(w.pending, 0) AS pending,
                     coalesce(w.validated, 0) AS validated, coalesce(w.failed, 0) AS failed,
@@ -899,47 +866,6 @@ impl Store {
                 .fetch_one(&self.pool)
                 .await?,
         )
-    }
-
-    pub async fn list_findings(&self, q: &FindingQuery) -> Result<Vec<FindingRow>, Error> {
-        macro_rules! findings_where {
-            () => {
-                "SELECT id, study_id, wu_id, module_hash, input_hash, output_hash, metrics, params,
-                        confidence, dissenting, extract(epoch FROM created_at)::bigint AS created_unix,
-                        NULL::bytea AS output, platforms, unreplicated
-                 FROM findings WHERE ($1::bigint IS NULL OR study_id = $1)"
-            };
-        }
-        let sql = match (&q.order_by_metric, q.descending) {
-            (None, _) => concat!(findings_where!(), " ORDER BY id LIMIT $2"),
-            (Some(_), false) => concat!(
-                findings_where!(),
-                " AND metrics ? $3 ORDER BY (metrics->>$3)::float8 ASC, id LIMIT $2"
-            ),
-            (Some(_), true) => concat!(
-                findings_where!(),
-                " AND metrics ? $3 ORDER BY (metrics->>$3)::float8 DESC, id LIMIT $2"
-            ),
-        };
-        let mut query = sqlx::query_as::<_, FindingRow>(sql)
-            .bind(q.study_id)
-            .bind(q.limit);
-        if let Some(metric) = &q.order_by_metric {
-            query = query.bind(metric);
-        }
-        Ok(query.fetch_all(&self.pool).await?)
-    }
-
-    pub async fn finding(&self, id: i64) -> Result<Option<FindingRow>, Error> {
-        Ok(sqlx::query_as::<_, FindingRow>(
-            "SELECT id, study_id, wu_id, module_hash, input_hash, output_hash, metrics, params,
-                    confidence, dissenting, extract(epoch FROM created_at)::bigint AS created_unix,
-                    output, platforms, unreplicated
-             FROM findings WHERE id = $1",
-        )
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await?)
     }
 
     /// The replicas that agreed on each of these findings, in replica order.
@@ -1037,6 +963,100 @@ where
             other => return other,
         }
     }
+}
+
+/// Creates a study in the caller's transaction (see `Store::create_study`).
+pub(crate) async fn create_study_in(
+    tx: &mut Transaction<'static, Postgres>,
+    s: &NewStudy,
+) -> Result<CreatedStudy, Error> {
+    let study_id: i64 = sqlx::query_scalar(
+        "INSERT INTO studies (name, description, module_hash) VALUES ($1, $2, $3) RETURNING id",
+    )
+    .bind(&s.name)
+    .bind(&s.description)
+    .bind(&s.module_hash[..])
+    .fetch_one(&mut **tx)
+    .await?;
+    sqlx::query(
+        "INSERT INTO study_parents (study_id, parent_finding_id)
+         SELECT $1, p FROM UNNEST($2::bigint[]) AS p ON CONFLICT DO NOTHING",
+    )
+    .bind(study_id)
+    .bind(&s.parents)
+    .execute(&mut **tx)
+    .await?;
+    let all_hashes: Vec<Vec<u8>> = s
+        .inputs
+        .iter()
+        .map(|i| blake3::hash(i).as_bytes().to_vec())
+        .collect();
+    let known: HashMap<Vec<u8>, i64> = if s.dedup {
+        ledger::validated_twins(
+            tx,
+            &s.module_hash,
+            &all_hashes,
+            &s.policy,
+            s.tolerance.as_ref(),
+        )
+        .await?
+    } else {
+        HashMap::new()
+    };
+    let existing: Vec<i64> = all_hashes
+        .iter()
+        .map(|h| known.get(h).copied().unwrap_or(0))
+        .collect();
+    let fresh: Vec<usize> = (0..s.inputs.len()).filter(|&i| existing[i] == 0).collect();
+    let mut ids = Vec::with_capacity(fresh.len());
+    for chunk in fresh.chunks(10_000) {
+        let inputs: Vec<&[u8]> = chunk.iter().map(|&i| s.inputs[i].as_slice()).collect();
+        let hashes: Vec<&[u8]> = chunk.iter().map(|&i| all_hashes[i].as_slice()).collect();
+        let params: Vec<Option<String>> = inputs.iter().map(|i| params_of(i)).collect();
+        let p = &s.policy;
+        let b = &s.bounds;
+        let mut chunk_ids: Vec<i64> = sqlx::query_scalar(
+            "INSERT INTO work_units (study_id, module_hash, input, input_hash, params,
+                 min_quorum, target_nresults, max_error_results, max_total_results,
+                 max_success_results, delay_bound_secs, fuel, memory_bytes, output_bytes,
+                 wall_ms, unsent, adaptive, tolerance)
+             SELECT $1, $2, t.input, t.hash, t.params::jsonb, $6, $7, $8, $9, $10, $11,
+                    $12, $13, $14, $15, $7, $16, $17
+             FROM UNNEST($3::bytea[], $4::bytea[], $5::text[]) AS t(input, hash, params)
+             RETURNING id",
+        )
+        .bind(study_id)
+        .bind(&s.module_hash[..])
+        .bind(&inputs)
+        .bind(&hashes)
+        .bind(&params)
+        .bind(p.min_quorum)
+        .bind(p.target_nresults)
+        .bind(p.max_error_results)
+        .bind(p.max_total_results)
+        .bind(p.max_success_results)
+        .bind(p.delay_bound_secs)
+        .bind(b.fuel)
+        .bind(b.memory_bytes)
+        .bind(b.output_bytes)
+        .bind(b.wall_ms)
+        .bind(p.adaptive)
+        .bind(s.tolerance.as_ref().map(sqlx::types::Json))
+        .fetch_all(&mut **tx)
+        .await?;
+        // Ids come from one sequence in insertion order, which is the input order.
+        chunk_ids.sort_unstable();
+        ids.extend(chunk_ids);
+    }
+    let mut work_unit_ids = vec![0; s.inputs.len()];
+    for (i, id) in fresh.into_iter().zip(ids) {
+        work_unit_ids[i] = id;
+    }
+    Ok(CreatedStudy {
+        study_id,
+        work_unit_ids,
+        existing,
+    })
 }
 
 /// The input as indexed parameters, when it is a JSON object.
