@@ -153,17 +153,29 @@ pub async fn run(
     result.map_err(Into::into)
 }
 
-/// Chains new findings and evidence into the ledger, then settles adoptions whose re-runs are
-/// done, on an interval. Every server runs it; an advisory lock lets one seal at a time, so
-/// validations never wait on the chain's head.
-async fn seal_loop(store: Store, every: Duration, mut stop: tokio::sync::watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(every);
+/// Runs `work` every `period` until `stop` changes. Maintenance loops log their failures and
+/// try again at the next tick: volunteers vanish, and so do databases for a while.
+async fn every<F, Fut>(period: Duration, mut stop: tokio::sync::watch::Receiver<bool>, mut work: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = stop.changed() => return,
         }
+        work().await;
+    }
+}
+
+/// Chains new findings and evidence into the ledger, then settles adoptions whose re-runs are
+/// done, on an interval. Every server runs it; an advisory lock lets one seal at a time, so
+/// validations never wait on the chain's head.
+async fn seal_loop(store: Store, period: Duration, stop: tokio::sync::watch::Receiver<bool>) {
+    every(period, stop, || async {
         loop {
             match store.seal(5000).await {
                 Ok(0) => break,
@@ -179,19 +191,13 @@ async fn seal_loop(store: Store, every: Duration, mut stop: tokio::sync::watch::
             Ok(n) => tracing::info!(adoptions = n, "adoption proposals settled"),
             Err(e) => tracing::warn!(error = %e, "settling adoptions failed; retrying next tick"),
         }
-    }
+    })
+    .await
 }
 
-/// Returns replicas past their deadline to the queue, on an interval. A failing database is
-/// logged and retried at the next tick: volunteers vanish, and so do databases for a while.
-async fn rescue_loop(store: Store, every: Duration, mut stop: tokio::sync::watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.changed() => return,
-        }
+/// Returns replicas past their deadline to the queue, on an interval.
+async fn rescue_loop(store: Store, period: Duration, stop: tokio::sync::watch::Receiver<bool>) {
+    every(period, stop, || async {
         loop {
             match store.rescue_expired(1000).await {
                 Ok(0) => break,
@@ -202,5 +208,6 @@ async fn rescue_loop(store: Store, every: Duration, mut stop: tokio::sync::watch
                 }
             }
         }
-    }
+    })
+    .await
 }

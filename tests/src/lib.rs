@@ -194,21 +194,7 @@ impl TestApp {
 
     /// Starts a worker as a real process (the `accrete-worker` command line), returning its index.
     pub fn start_worker_process(&mut self, bins: &Binaries, name: &str, slots: usize) -> usize {
-        let child = Command::new(bins.worker)
-            .args([
-                "--server",
-                &self.server_url,
-                "--name",
-                name,
-                "--slots",
-                &slots.to_string(),
-            ])
-            .stdout(Stdio::null())
-            .stderr(log_stdio())
-            .spawn()
-            .expect("starting it-worker");
-        self.processes.push(child);
-        self.processes.len() - 1
+        self.start_worker_command(bins.worker, &[], name, slots)
     }
 
     /// Starts a worker as a process from any command that ends in the `accrete-worker` command
