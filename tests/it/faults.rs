@@ -388,8 +388,8 @@ async fn a_report_cut_off_after_commit_is_a_duplicate_when_retried() {
         results: vec![success(replicas[1], output)],
     };
     let cut_off = tokio::spawn({
-        let (mut client, request) = (via_proxy.clone(), request.clone());
-        async move { client.report_results(request).await }
+        let request = request.clone();
+        async move { via_proxy.report_results(request).await }
     });
     eventually(TIMEOUT, "b's report committed", || async {
         count(&app, "SELECT count(*) FROM findings").await == 1
@@ -407,9 +407,12 @@ async fn a_report_cut_off_after_commit_is_a_duplicate_when_retried() {
         "the response should have been lost: {lost:?}"
     );
 
-    // The worker retries the same report, over a new connection: a duplicate, changing nothing.
-    proxy.hold(false);
-    let acks = via_proxy
+    // The worker retries the same report, over a new connection (the old channel may still
+    // hold the dead one: a worker treats that error as transient too): a duplicate, changing
+    // nothing.
+    let acks = app
+        .worker_client()
+        .await
         .report_results(request)
         .await
         .unwrap()
@@ -459,13 +462,14 @@ async fn a_real_worker_cut_off_mid_report_retries_and_nothing_counts_twice() {
             >= 1
     })
     .await;
+    // Held first, so any report that commits after the count below is one whose answer is lost.
+    proxy.hold(true);
     let reported = count(
         &app,
         "SELECT count(*) FROM replicas r JOIN workers w ON w.id = r.worker_id
          WHERE w.name = 'cut' AND r.state <> 'in_progress'",
     )
     .await;
-    proxy.hold(true);
     eventually(TIMEOUT, "a report of the cut worker committed", || async {
         count(
             &app,
