@@ -567,3 +567,60 @@ async fn unknown_studies_findings_and_replicas_are_not_found() {
     still_serving(&app).await;
     app.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn studies_over_the_servers_caps_are_refused() {
+    let app = TestApp::spawn().await;
+    let mut c = app.client().await;
+    let module_hash = c
+        .put_module(accrete_tasks::TINY_MODEL.to_vec(), "m")
+        .await
+        .unwrap();
+    let limits = accrete_server::Limits::default();
+    let study = |work_units: Vec<Vec<u8>>, bounds: pb::ResourceBounds| pb::SubmitStudyRequest {
+        name: "s".into(),
+        module_hash: module_hash.clone(),
+        policy: Some(policy(2)),
+        bounds: Some(bounds),
+        work_units: work_units
+            .into_iter()
+            .map(|input| pb::WorkUnitSpec { input })
+            .collect(),
+        ..Default::default()
+    };
+    for (request, says) in [
+        (
+            study(vec![vec![b' '; limits.max_input_bytes + 1]], bounds()),
+            "over the cap",
+        ),
+        (study(vec![], bounds()), "at least one work unit"),
+        (
+            study(
+                vec![b"{}".to_vec()],
+                pb::ResourceBounds {
+                    fuel: limits.max_fuel + 1,
+                    ..bounds()
+                },
+            ),
+            "fuel",
+        ),
+        (
+            study(
+                vec![b"{}".to_vec()],
+                pb::ResourceBounds {
+                    memory_bytes: limits.max_memory_bytes + 1,
+                    ..bounds()
+                },
+            ),
+            "memory",
+        ),
+    ] {
+        let err = c.research.submit_study(request).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+        assert!(err.message().contains(says), "{err:?} should say {says:?}");
+    }
+    assert_eq!(count(&app, "SELECT count(*) FROM studies").await, 0);
+    assert_eq!(count(&app, "SELECT count(*) FROM work_units").await, 0);
+    still_serving(&app).await;
+    app.shutdown().await;
+}
