@@ -30,7 +30,10 @@ fuzz_target!(|text: &str| {
         for point in &points {
             for (name, p) in &spec.params {
                 let Value::Object(range) = p else { continue };
-                let (min, max) = (range["min"].as_f64().unwrap(), range["max"].as_f64().unwrap());
+                let (min, max) = (
+                    range["min"].as_f64().unwrap(),
+                    range["max"].as_f64().unwrap(),
+                );
                 let v = point[name]
                     .as_f64()
                     .unwrap_or_else(|| panic!("{name}: {} is not a number", point[name]));
