@@ -43,18 +43,25 @@ impl SweepSpec {
     }
 }
 
-#[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq)]
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq)]
 #[serde(deny_unknown_fields, rename_all = "snake_case", tag = "kind")]
 pub enum Search {
-    /// Every combination of the listed values.
-    #[default]
-    Grid,
+    /// Every combination of the listed values. (A struct variant, not a unit one, so that
+    /// `deny_unknown_fields` refuses e.g. `samples` here: serde ignores extra fields of an
+    /// internally tagged unit variant.)
+    Grid {},
     /// `samples` draws, reproducible from `seed`.
     Random {
         samples: u32,
         #[serde(default)]
         seed: u64,
     },
+}
+
+impl Default for Search {
+    fn default() -> Search {
+        Search::Grid {}
+    }
 }
 
 /// BOINC's replication policy; unset fields take the server's defaults.
@@ -120,6 +127,9 @@ impl BoundsSpec {
 /// Most work units one sweep may expand to.
 pub const MAX_UNITS: usize = 1_000_000;
 
+/// 2^53: integer ranges must lie within ±this, where f64 counts every integer.
+const MAX_EXACT: f64 = 9_007_199_254_740_992.0;
+
 impl SweepSpec {
     /// Parses TOML, or JSON when the text starts with `{`.
     pub fn parse(text: &str) -> Result<SweepSpec, String> {
@@ -133,7 +143,7 @@ impl SweepSpec {
     /// One JSON object per work unit, in a stable order.
     pub fn expand(&self) -> Result<Vec<Value>, String> {
         match self.sweep {
-            Search::Grid => self.grid(),
+            Search::Grid {} => self.grid(),
             Search::Random { samples, seed } => self.random(samples, seed),
         }
     }
@@ -228,6 +238,13 @@ impl Param {
                         "parameter {name:?}: need min <= max (and min > 0 for a log range)"
                     ));
                 }
+                // Integers are counted in f64 and i64: beyond 2^53 neither is exact.
+                if int && (min.ceil() > max.floor() || min < -MAX_EXACT || max > MAX_EXACT) {
+                    return Err(format!(
+                        "parameter {name:?}: an integer range needs an integer between min and \
+                         max, within ±2^53"
+                    ));
+                }
                 Ok(Param::Range { min, max, log, int })
             }
             fixed => Ok(Param::Fixed(fixed.clone())),
@@ -246,9 +263,17 @@ impl Param {
                         lo + (u * ((hi - lo + 1) as f64)).floor().min((hi - lo) as f64) as i64,
                     )
                 } else if *log {
-                    Value::from((min.ln() + u * (max.ln() - min.ln())).exp())
+                    // Rounding in ln/exp can land a hair outside the range.
+                    Value::from(
+                        (min.ln() + u * (max.ln() - min.ln()))
+                            .exp()
+                            .clamp(*min, *max),
+                    )
+                } else if (max - min).is_finite() {
+                    Value::from((min + u * (max - min)).clamp(*min, *max))
                 } else {
-                    Value::from(min + u * (max - min))
+                    // A span wider than f64 holds (e.g. -1e308..1e308) would sample infinity.
+                    Value::from((min * (1.0 - u) + max * u).clamp(*min, *max))
                 }
             }
         }
@@ -334,5 +359,36 @@ mod tests {
         )
         .unwrap();
         assert!(bad.expand().is_err());
+    }
+
+    #[test]
+    fn a_grid_refuses_the_random_search_fields() {
+        let err = SweepSpec::parse("[sweep]\nkind = \"grid\"\nsamples = 4\n").unwrap_err();
+        assert!(err.contains("samples"), "{err}");
+    }
+
+    #[test]
+    fn sampled_ranges_stay_in_range_at_the_edges() {
+        let sample = |range: &str| {
+            let text = format!(
+                r#"{{"sweep": {{"kind": "random", "samples": 200, "seed": 3}},
+                     "params": {{"x": {range}}}}}"#
+            );
+            SweepSpec::parse(&text).unwrap().expand()
+        };
+        // Spans wider than f64 can hold.
+        for p in sample(r#"{"min": -1e308, "max": 1.7e308}"#).unwrap() {
+            let x = p["x"].as_f64().unwrap_or_else(|| panic!("{p}"));
+            assert!((-1e308..=1.7e308).contains(&x), "{p}");
+        }
+        for p in sample(r#"{"min": 1e-300, "max": 1e300, "log": true}"#).unwrap() {
+            let x = p["x"].as_f64().unwrap_or_else(|| panic!("{p}"));
+            assert!((1e-300..=1e300).contains(&x), "{p}");
+        }
+        // No integer inside, and integers beyond what f64 counts exactly.
+        assert!(sample(r#"{"min": 0.2, "max": 0.8, "int": true}"#).is_err());
+        assert!(sample(r#"{"min": -1e19, "max": 1e19, "int": true}"#).is_err());
+        let p = sample(r#"{"min": 0.2, "max": 1.8, "int": true}"#).unwrap();
+        assert!(p.iter().all(|p| p["x"] == 1), "{p:?}");
     }
 }

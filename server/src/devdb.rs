@@ -23,6 +23,8 @@ enum Kind {
         dir: PathBuf,
         pg_ctl: PathBuf,
         as_postgres: bool,
+        /// The server options it was started with, so it can be started again the same way.
+        opts: String,
     },
 }
 
@@ -98,13 +100,6 @@ impl DevDb {
             "-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories={} -c fsync=off",
             dir.display()
         );
-        run(pg_command(&bin.join("pg_ctl"), as_postgres)
-            .arg("-D")
-            .arg(&data)
-            .args(["-o", &opts, "-w", "-l"])
-            .arg(dir.join("log"))
-            .arg("start"))
-        .context("pg_ctl start")?;
         let db = DevDb {
             url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
             origin: "private cluster",
@@ -112,9 +107,50 @@ impl DevDb {
                 dir,
                 pg_ctl: bin.join("pg_ctl"),
                 as_postgres,
+                opts,
             },
         };
+        db.start_cluster()?;
         Ok(db)
+    }
+
+    /// Stops a private cluster's PostgreSQL as a crash would (`pg_ctl stop -m immediate`),
+    /// keeping its data: fault tests take the database away under load with this.
+    pub fn stop_cluster(&self) -> anyhow::Result<()> {
+        let Kind::Cluster {
+            dir,
+            pg_ctl,
+            as_postgres,
+            ..
+        } = &self.kind
+        else {
+            bail!("only a private cluster can be stopped and started");
+        };
+        run(pg_command(pg_ctl, *as_postgres)
+            .arg("-D")
+            .arg(dir.join("data"))
+            .args(["-m", "immediate", "-w", "stop"]))
+        .context("pg_ctl stop")
+    }
+
+    /// Starts a private cluster's PostgreSQL (again), on the same port and data.
+    pub fn start_cluster(&self) -> anyhow::Result<()> {
+        let Kind::Cluster {
+            dir,
+            pg_ctl,
+            as_postgres,
+            opts,
+        } = &self.kind
+        else {
+            bail!("only a private cluster can be stopped and started");
+        };
+        run(pg_command(pg_ctl, *as_postgres)
+            .arg("-D")
+            .arg(dir.join("data"))
+            .args(["-o", opts, "-w", "-l"])
+            .arg(dir.join("log"))
+            .arg("start"))
+        .context("pg_ctl start")
     }
 
     /// Removes what `start` made. Also done on drop, but this reports failures.
@@ -135,7 +171,8 @@ impl DevDb {
                 dir,
                 pg_ctl,
                 as_postgres,
-            } => stop_cluster(&dir, &pg_ctl, as_postgres),
+                ..
+            } => remove_cluster(&dir, &pg_ctl, as_postgres),
         }
     }
 }
@@ -155,14 +192,15 @@ impl Drop for DevDb {
                 dir,
                 pg_ctl,
                 as_postgres,
+                ..
             } => {
-                let _ = stop_cluster(&dir, &pg_ctl, as_postgres);
+                let _ = remove_cluster(&dir, &pg_ctl, as_postgres);
             }
         }
     }
 }
 
-fn stop_cluster(dir: &Path, pg_ctl: &Path, as_postgres: bool) -> anyhow::Result<()> {
+fn remove_cluster(dir: &Path, pg_ctl: &Path, as_postgres: bool) -> anyhow::Result<()> {
     let stopped = run(pg_command(pg_ctl, as_postgres)
         .arg("-D")
         .arg(dir.join("data"))

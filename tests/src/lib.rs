@@ -81,6 +81,12 @@ impl TestApp {
         let db = DevDb::on_server(&admin, &name)
             .await
             .expect("creating a test database (is PostgreSQL running at 127.0.0.1:5432?)");
+        Self::spawn_on(db).await
+    }
+
+    /// A server on a database of the test's, e.g. a private cluster it can stop and start.
+    pub async fn spawn_on(db: DevDb) -> TestApp {
+        init_tracing();
         let store = Store::connect(&db.url, 10)
             .await
             .expect("connecting and migrating");
@@ -164,6 +170,11 @@ impl TestApp {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// The database the app runs on.
+    pub fn db(&self) -> &DevDb {
+        self.db.as_ref().expect("the app's database")
     }
 
     /// Starts an in-process worker with `slots` slots, returning its index.
