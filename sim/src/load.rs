@@ -12,7 +12,7 @@
 //! output `accrete-sim`'s honest workers compute, so every replica agrees and validates, and
 //! the server (its SQL, hashing, validation) is what is measured.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -706,13 +706,25 @@ fn cpu_of(pids: &[u32]) -> f64 {
     pids.iter().filter_map(|&p| cpu_secs(p)).sum()
 }
 
-/// PostgreSQL backends serving this database now (the servers' pools and the harness's).
-async fn backends(pool: &PgPool) -> anyhow::Result<Vec<u32>> {
+/// CPU seconds of each PostgreSQL backend serving this database now (the servers' pools and
+/// the harness's).
+async fn backend_cpu(pool: &PgPool) -> anyhow::Result<HashMap<u32, f64>> {
     let pids: Vec<i32> =
         sqlx::query_scalar("SELECT pid FROM pg_stat_activity WHERE datname = current_database()")
             .fetch_all(pool)
             .await?;
-    Ok(pids.into_iter().map(|p| p as u32).collect())
+    Ok(pids
+        .into_iter()
+        .filter_map(|p| Some((p as u32, cpu_secs(p as u32)?)))
+        .collect())
+}
+
+/// CPU the backends used between two readings. A backend that started in between counts whole
+/// (it began at most a window ago); one that ended in between is lost, so this is a floor.
+fn backend_delta(a: &HashMap<u32, f64>, b: &HashMap<u32, f64>) -> f64 {
+    b.iter()
+        .map(|(pid, cpu)| (cpu - a.get(pid).copied().unwrap_or(0.0)).max(0.0))
+        .sum()
 }
 
 /// Database sizes (tables with their indexes and TOAST), in bytes.
@@ -818,6 +830,8 @@ pub struct ThroughputReport {
     pub pending_at_end: Option<i64>,
     pub db: Option<DbSizes>,
     pub ceiling: Option<Ceiling>,
+    /// What this database's busy backends were doing, sampled while measuring.
+    pub waits: Option<Waits>,
 }
 
 /// Counters at one instant of a throughput run; CPU in seconds.
@@ -827,7 +841,7 @@ struct Snapshot {
     validated: i64,
     findings: Option<i64>,
     server_cpu: f64,
-    postgres_cpu: f64,
+    postgres_cpu: HashMap<u32, f64>,
     harness_cpu: f64,
 }
 
@@ -846,10 +860,6 @@ async fn measure(
     let fleet = Fleet::start(urls, args.workers, args.batch, false).await?;
     tokio::time::sleep(Duration::from_secs_f64(args.warmup)).await;
 
-    let backend_pids = match pool {
-        Some(p) => backends(p).await?,
-        None => Vec::new(),
-    };
     let snapshot = async || -> anyhow::Result<Snapshot> {
         let (validated, findings) = match pool {
             Some(p) => {
@@ -867,15 +877,25 @@ async fn measure(
             validated,
             findings,
             server_cpu: cpu_of(pids),
-            postgres_cpu: cpu_of(&backend_pids),
+            postgres_cpu: match pool {
+                Some(p) => backend_cpu(p).await?,
+                None => HashMap::new(),
+            },
             harness_cpu: cpu_secs(std::process::id()).unwrap_or(0.0),
         })
     };
     let a = snapshot().await?;
     fleet.measure(true);
     eprintln!("measuring for {} s", args.duration);
+    let sampling = Arc::new(AtomicBool::new(true));
+    let sampler = pool.map(|p| tokio::spawn(sample_waits(p.clone(), sampling.clone())));
     tokio::time::sleep(Duration::from_secs_f64(args.duration)).await;
     fleet.measure(false);
+    sampling.store(false, Ordering::Relaxed);
+    let waits = match sampler {
+        Some(t) => Some(t.await??),
+        None => None,
+    };
     let b = snapshot().await?;
     let secs = b.at.duration_since(a.at).as_secs_f64();
     let server_peak_rss = pids
@@ -907,7 +927,7 @@ async fn measure(
         fetch_ms: p50_p99(log.fetch_us),
         report_ms: p50_p99(log.report_us),
         server_cores: (!pids.is_empty()).then(|| (b.server_cpu - a.server_cpu) / secs),
-        postgres_cores: pool.map(|_| (b.postgres_cpu - a.postgres_cpu) / secs),
+        postgres_cores: pool.map(|_| backend_delta(&a.postgres_cpu, &b.postgres_cpu) / secs),
         harness_cores: (b.harness_cpu - a.harness_cpu) / secs,
         server_peak_rss,
         quota_refusals: log.quota_refusals,
@@ -917,6 +937,7 @@ async fn measure(
         pending_at_end,
         db: None,
         ceiling: None,
+        waits,
     })
 }
 
@@ -973,7 +994,9 @@ impl ThroughputReport {
         if let Some(c) = self.server_cores {
             s += &format!("  CPU cores used: servers {c:.2}");
             if let Some(p) = self.postgres_cores {
-                s += &format!(", their PostgreSQL backends {p:.2}");
+                s += &format!(
+                    ", their PostgreSQL backends {p:.2} (a floor: ended backends are lost)"
+                );
             }
             s += &format!(", this harness {:.2}\n", self.harness_cores);
         } else {
@@ -1006,6 +1029,9 @@ impl ThroughputReport {
                 self.bytes_per_wu().unwrap_or(0.0)
             );
         }
+        if let Some(w) = &self.waits {
+            s += &w.text();
+        }
         if let Some(c) = &self.ceiling {
             s += &format!(
                 "raw ceiling (batched FOR UPDATE SKIP LOCKED claim + batched completion, {} \
@@ -1027,6 +1053,11 @@ impl ThroughputReport {
             "quota refusals {}, empty fetches {}, rejected results {}, failed RPCs {:?}\n",
             self.quota_refusals, self.empty_fetches, self.rejected, self.errors
         );
+        if !self.errors.is_empty() {
+            s += "WARNING: RPCs failed; UNAVAILABLE is the server's answer when a request waits \
+                  over 5 s for a database connection (the pool's acquire timeout): the server \
+                  is overloaded, and the simulated workers retry\n";
+        }
         if self.pending_at_end == Some(0) {
             s += "WARNING: the queue ran dry; raise --wus (the rates above are floors)\n";
         }
@@ -1083,8 +1114,76 @@ impl ThroughputReport {
             "rejected": self.rejected,
             "failed_rpcs": self.errors,
             "pending_at_end": self.pending_at_end,
+            "backend_samples": self.waits.as_ref().map(|w| json!({
+                "samples": w.samples, "busy_backends_mean": w.busy as f64 / w.samples.max(1) as f64,
+                "top": w.top(12).iter().map(|(k, n)| json!({ "what": k, "count": n }))
+                    .collect::<Vec<_>>(),
+            })),
         })
     }
+}
+
+/// A profile from PostgreSQL's side: every 100 ms, what each busy backend of this database is
+/// doing (running, or the wait event it is blocked on) and in which statement.
+#[derive(Debug, Clone, Default)]
+pub struct Waits {
+    pub samples: u64,
+    /// Busy backends summed over the samples.
+    pub busy: u64,
+    /// "what | statement" -> times seen.
+    pub seen: BTreeMap<String, u64>,
+}
+
+impl Waits {
+    pub fn top(&self, n: usize) -> Vec<(String, u64)> {
+        let mut v: Vec<(String, u64)> = self.seen.iter().map(|(k, &n)| (k.clone(), n)).collect();
+        v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        v.truncate(n);
+        v
+    }
+
+    fn text(&self) -> String {
+        let mut s = format!(
+            "  PostgreSQL backends of this database, sampled every 100 ms ({} samples): {:.1} \
+             busy on average; where they were:\n",
+            self.samples,
+            self.busy as f64 / self.samples.max(1) as f64
+        );
+        for (k, n) in self.top(8) {
+            s += &format!(
+                "    {:>5.1}%  {k}\n",
+                100.0 * n as f64 / self.busy.max(1) as f64
+            );
+        }
+        s
+    }
+}
+
+async fn sample_waits(pool: PgPool, on: Arc<AtomicBool>) -> anyhow::Result<Waits> {
+    let mut w = Waits::default();
+    while on.load(Ordering::Relaxed) {
+        // "idle in transaction": the transaction waits on its client, the accrete server.
+        let rows: Vec<(String, String)> = sqlx::query_as(
+            "SELECT CASE WHEN state = 'idle in transaction' THEN 'idle in transaction (server side)'
+                         WHEN wait_event IS NULL THEN 'running'
+                         ELSE wait_event_type || ':' || wait_event END,
+                    left(regexp_replace(query, '\\s+', ' ', 'g'), 60)
+             FROM pg_stat_activity
+             WHERE datname = current_database() AND pid <> pg_backend_pid()
+               AND state IN ('active', 'idle in transaction')",
+        )
+        .fetch_all(&pool)
+        .await?;
+        w.samples += 1;
+        w.busy += rows.len() as u64;
+        for (what, query) in rows {
+            *w.seen
+                .entry(format!("{what} | {}", query.trim()))
+                .or_default() += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(w)
 }
 
 // ---------------------------------------------------------------------------------------------
