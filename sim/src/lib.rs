@@ -6,6 +6,9 @@
 //!
 //! Layout: [`Args`] (the command line), [`run`] (set-up, warm-up, the measured study, the
 //! report), [`Behaviour`] and the worker loop, [`Report`] (figures and the calibration table).
+//! [`load`] is the throughput harness (`accrete-load`), which shares the workers' arithmetic.
+
+pub mod load;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -106,7 +109,7 @@ pub fn truth(n: u64) -> f64 {
     (splitmix(n) % 1_000_000) as f64
 }
 
-fn output(v: f64) -> Vec<u8> {
+pub(crate) fn output(v: f64) -> Vec<u8> {
     format!(r#"{{"metrics":{{"v":{v}}}}}"#).into_bytes()
 }
 
@@ -130,7 +133,7 @@ impl Rng {
     }
 }
 
-fn input_n(input: &[u8]) -> u64 {
+pub(crate) fn input_n(input: &[u8]) -> u64 {
     serde_json::from_slice::<serde_json::Value>(input)
         .ok()
         .and_then(|v| v["i"].as_u64())
@@ -138,7 +141,7 @@ fn input_n(input: &[u8]) -> u64 {
 }
 
 /// The smallest module the server accepts: the simulated workers never run it.
-fn module() -> Vec<u8> {
+pub(crate) fn module() -> Vec<u8> {
     wat::parse_str(r#"(module (memory (export "memory") 1) (func (export "_start")))"#)
         .expect("a valid module")
 }
