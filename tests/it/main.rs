@@ -7,6 +7,7 @@ mod devdb;
 mod e2e;
 mod faults;
 mod ledger;
+mod ops;
 mod sim;
 mod trust;
 mod validation;
