@@ -274,6 +274,15 @@ async fn a_burst_over_the_rate_limit_is_refused_and_the_server_keeps_serving() {
     }
     assert!(exhausted >= 14, "only {exhausted} of 20 refused");
 
+    // A call carrying an `authorization` credential counts against that credential, not the
+    // address (whatever the handler then makes of the key, the rate limit let it through).
+    let mut keyed = tonic::Request::new(pb::GetStatusRequest { study_id: 0 });
+    keyed
+        .metadata_mut()
+        .insert("authorization", "Bearer ops-test-key".parse().unwrap());
+    let code = code_of(client.research.get_status(keyed).await);
+    assert_ne!(code, Code::ResourceExhausted, "a key has its own budget");
+
     // A worker's calls count against its own id, not the address, which is out of budget now:
     // the worker gets its own burst of 5, then is refused too.
     let mut w = app.worker_client().await;
