@@ -4,6 +4,7 @@
 use std::time::{Duration, Instant};
 
 use accrete_proto::MAX_MESSAGE_BYTES;
+use accrete_proto::transport::ClientTls;
 use accrete_proto::v1::{
     self as pb, ledger_service_client::LedgerServiceClient,
     research_service_client::ResearchServiceClient,
@@ -22,9 +23,14 @@ pub struct Client {
 }
 
 impl Client {
+    /// Connects to `server`; an `https://` URL uses TLS with the system's trust store.
     pub async fn connect(server: &str) -> anyhow::Result<Client> {
-        let channel = Channel::from_shared(server.to_string())
-            .with_context(|| format!("bad server URL {server:?}"))?
+        Client::connect_with(server, &ClientTls::default()).await
+    }
+
+    /// Connects to `server`, trusting `tls`'s CA for an `https://` URL.
+    pub async fn connect_with(server: &str, tls: &ClientTls) -> anyhow::Result<Client> {
+        let channel = accrete_proto::transport::endpoint(server, tls)?
             .connect_timeout(Duration::from_secs(5))
             .connect()
             .await

@@ -7,6 +7,7 @@ use accrete::client::{self, Client, status_error};
 use accrete::demo::{self, DemoOptions};
 use accrete::ledger;
 use accrete::sweep::SweepSpec;
+use accrete_proto::transport::ClientTls;
 use accrete_proto::v1 as pb;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -17,7 +18,8 @@ use clap::{Parser, Subcommand};
 #[derive(Parser, Debug)]
 #[command(version, about, long_about)]
 struct Cli {
-    /// The accrete server's gRPC address.
+    /// The accrete server's gRPC address: https://HOST:PORT for TLS, http://HOST:PORT for
+    /// plaintext.
     #[arg(
         long,
         global = true,
@@ -25,6 +27,10 @@ struct Cli {
         default_value = "http://127.0.0.1:7070"
     )]
     server: String,
+    /// CA certificate (PEM) that signed the server's TLS certificate [default: the system's
+    /// trust store]. Only with an https:// server.
+    #[arg(long, global = true, env = "ACCRETE_CA_FILE", value_name = "FILE")]
+    ca_file: Option<PathBuf>,
     /// Print JSON (one document per command) instead of tables, for agents and scripts.
     #[arg(long, global = true)]
     json: bool,
@@ -222,6 +228,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
+    let tls = ClientTls::from_ca_file(cli.ca_file.as_deref())?;
     match cli.command {
         Command::Demo {
             database_url,
@@ -243,7 +250,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let wasm =
                 std::fs::read(&module).with_context(|| format!("reading {}", module.display()))?;
             let name = file_stem(&module);
-            let hash = Client::connect(&cli.server)
+            let hash = Client::connect_with(&cli.server, &tls)
                 .await?
                 .put_module(wasm, &name)
                 .await?;
@@ -276,7 +283,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let name = name
                 .or(spec.name.clone())
                 .unwrap_or_else(|| file_stem(&sweep));
-            let mut client = Client::connect(&cli.server).await?;
+            let mut client = Client::connect_with(&cli.server, &tls).await?;
             let r = client
                 .submit_sweep(wasm, &file_stem(&module), &spec, &name, &parents)
                 .await?;
@@ -318,7 +325,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Status { study } => {
-            let r = Client::connect(&cli.server)
+            let r = Client::connect_with(&cli.server, &tls)
                 .await?
                 .status(study.unwrap_or(0))
                 .await?;
@@ -358,7 +365,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             ranges,
             cursor,
         } => {
-            let r = Client::connect(&cli.server)
+            let r = Client::connect_with(&cli.server, &tls)
                 .await?
                 .ledger
                 .list_findings(pb::ListFindingsRequest {
@@ -391,7 +398,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Lineage { finding } | Command::Children { finding } => {
-            let mut c = Client::connect(&cli.server).await?;
+            let mut c = Client::connect_with(&cli.server, &tls).await?;
             let req = pb::FindingRelationRequest {
                 finding_id: finding,
             };
@@ -408,7 +415,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Leaves { study, limit } => {
-            let mut c = Client::connect(&cli.server).await?;
+            let mut c = Client::connect_with(&cli.server, &tls).await?;
             let r = c
                 .ledger
                 .list_leaves(pb::ListLeavesRequest {
@@ -425,7 +432,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             desc,
             study,
         } => {
-            let mut c = Client::connect(&cli.server).await?;
+            let mut c = Client::connect_with(&cli.server, &tls).await?;
             let r = c
                 .ledger
                 .best_findings(pb::BestFindingsRequest {
@@ -445,7 +452,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             seeds,
             wait,
         } => {
-            let mut c = Client::connect(&cli.server).await?;
+            let mut c = Client::connect_with(&cli.server, &tls).await?;
             let r = c
                 .ledger
                 .adopt(pb::AdoptRequest {
@@ -483,7 +490,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             desc,
             top,
         } => {
-            let mut c = Client::connect(&cli.server).await?;
+            let mut c = Client::connect_with(&cli.server, &tls).await?;
             let md = accrete::report::report(&mut c, study, &metric, desc, top).await?;
             print_out(cli.json, serde_json::json!({ "markdown": md }), || {
                 md.clone()
@@ -491,7 +498,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Finding { id } => {
-            let mut c = Client::connect(&cli.server).await?;
+            let mut c = Client::connect_with(&cli.server, &tls).await?;
             let f = c
                 .ledger
                 .get_finding(pb::GetFindingRequest { finding_id: id })
@@ -505,7 +512,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Failures { study, limit } => {
-            let mut c = Client::connect(&cli.server).await?;
+            let mut c = Client::connect_with(&cli.server, &tls).await?;
             let r = c
                 .ledger
                 .list_failures(pb::ListFailuresRequest {
@@ -528,7 +535,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Cancel { study } => {
-            let mut c = Client::connect(&cli.server).await?;
+            let mut c = Client::connect_with(&cli.server, &tls).await?;
             let r = c
                 .research
                 .cancel_study(pb::CancelStudyRequest { study_id: study })
@@ -547,16 +554,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Ledger { action } => run_ledger(&cli.server, cli.json, action).await,
+        Command::Ledger { action } => run_ledger(&cli.server, &tls, cli.json, action).await,
     }
 }
 
-async fn run_ledger(server: &str, json: bool, action: LedgerCommand) -> anyhow::Result<()> {
+async fn run_ledger(
+    server: &str,
+    tls: &ClientTls,
+    json: bool,
+    action: LedgerCommand,
+) -> anyhow::Result<()> {
     match action {
         LedgerCommand::Verify { file } => {
             let verdict = match file {
                 Some(path) => ledger::verify_file(&path)?,
-                None => ledger::verify_remote(&mut Client::connect(server).await?).await?,
+                None => {
+                    ledger::verify_remote(&mut Client::connect_with(server, tls).await?).await?
+                }
             };
             print_out(json, ledger::verdict_json(&verdict), || {
                 ledger::verdict_text(&verdict)
@@ -567,7 +581,7 @@ async fn run_ledger(server: &str, json: bool, action: LedgerCommand) -> anyhow::
             Ok(())
         }
         LedgerCommand::Export { out } => {
-            let mut client = Client::connect(server).await?;
+            let mut client = Client::connect_with(server, tls).await?;
             let n = match &out {
                 Some(path) => {
                     let file = std::fs::File::create(path)
@@ -584,7 +598,7 @@ async fn run_ledger(server: &str, json: bool, action: LedgerCommand) -> anyhow::
             Ok(())
         }
         LedgerCommand::Watch { after } => {
-            let mut client = Client::connect(server).await?;
+            let mut client = Client::connect_with(server, tls).await?;
             let mut stream = client
                 .ledger
                 .watch_ledger(pb::ExportLedgerRequest { after_seq: after })

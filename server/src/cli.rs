@@ -1,21 +1,34 @@
 //! The `accrete-server` command line: parses flags, starts tracing, connects to PostgreSQL and
 //! calls `run` until ctrl-c or SIGTERM. A library function so tests can start the same binary.
 
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
 
-use crate::{Config, Limits, Store};
+use crate::{CallLimits, Config, Limits, Store, TlsIdentity};
 
 /// The accrete scheduler: hands sandboxed WebAssembly work units to volunteer workers,
 /// cross-validates their results, and records validated findings in PostgreSQL.
 ///
 /// The database is the single source of truth: several servers may share one database, and
 /// any of them may be stopped or killed at any time without losing work.
+///
+/// Every setting can be given as a flag, as the environment variable named with it, or as a
+/// key of the TOML file named by --config (the flag's long name, e.g. `max-module-bytes = 1000`);
+/// flags win over the environment, which wins over the file, which wins over the defaults.
+/// The gRPC listener serves TLS with --tls-cert and --tls-key; plaintext needs --plaintext.
+/// SIGTERM or ctrl-c stops accepting connections, drains in-flight calls for at most
+/// --shutdown-timeout seconds, and exits.
 #[derive(Parser, Debug)]
 #[command(version, about, long_about)]
 struct Args {
+    /// A TOML file of settings (keys are the long flag names).
+    #[arg(long, env = "ACCRETE_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
     /// PostgreSQL URL, e.g. postgres://postgres@127.0.0.1:5432/accrete. The schema is created
     /// or migrated at start-up.
     #[arg(long, env = "DATABASE_URL")]
@@ -23,56 +36,147 @@ struct Args {
     /// Address to serve gRPC on (workers, researchers and dashboards all use it).
     #[arg(long, env = "ACCRETE_LISTEN", default_value = "127.0.0.1:7070")]
     listen: String,
+    /// Certificate chain (PEM) for TLS on the gRPC listener; needs --tls-key.
+    #[arg(
+        long,
+        env = "ACCRETE_TLS_CERT",
+        value_name = "FILE",
+        requires = "tls_key"
+    )]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(
+        long,
+        env = "ACCRETE_TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    tls_key: Option<PathBuf>,
+    /// Serve gRPC without TLS (anyone on the path can read and alter traffic). Required when no
+    /// certificate is given, so plaintext is always a choice someone wrote down.
+    #[arg(long, env = "ACCRETE_PLAINTEXT", conflicts_with = "tls_cert")]
+    plaintext: bool,
+    /// Serve Prometheus metrics over HTTP at http://ADDR/metrics.
+    #[arg(long, env = "ACCRETE_METRICS_LISTEN", value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
     /// Database connections in the pool.
     #[arg(long, env = "ACCRETE_DB_CONNECTIONS", default_value_t = 16)]
     db_connections: u32,
     /// Seconds between scans for replicas past their deadline.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, env = "ACCRETE_RESCUE_INTERVAL_SECS", default_value_t = 1.0)]
     rescue_interval_secs: f64,
     /// Fuel a work unit gets when its study does not say (about one unit per instruction).
-    #[arg(long, default_value_t = Limits::default().default_fuel)]
+    #[arg(long, env = "ACCRETE_DEFAULT_FUEL", default_value_t = Limits::default().default_fuel)]
     default_fuel: u64,
-    /// Largest module accepted, in bytes.
-    #[arg(long, default_value_t = Limits::default().max_module_bytes)]
+    /// Largest module accepted, in bytes (PutModule messages are capped just above it).
+    #[arg(long, env = "ACCRETE_MAX_MODULE_BYTES", default_value_t = Limits::default().max_module_bytes)]
     max_module_bytes: usize,
-    /// Log as JSON lines instead of text.
-    #[arg(long, env = "ACCRETE_LOG_JSON")]
+    /// Largest work unit input accepted, in bytes.
+    #[arg(long, env = "ACCRETE_MAX_INPUT_BYTES", default_value_t = Limits::default().max_input_bytes)]
+    max_input_bytes: usize,
+    /// Largest output a study may allow its work units, in bytes (ReportResults messages are
+    /// capped by it times the report batch).
+    #[arg(long, env = "ACCRETE_MAX_OUTPUT_BYTES", default_value_t = Limits::default().max_output_bytes)]
+    max_output_bytes: u64,
+    /// Largest message of every other call, in bytes.
+    #[arg(long, env = "ACCRETE_MAX_MESSAGE_BYTES", default_value_t = Limits::default().small_message_bytes)]
+    max_message_bytes: usize,
+    /// Sustained calls per second per credential (the `authorization` metadata, else the
+    /// worker id of a worker call, else the peer IP address); 0: no limit. Calls over it fail
+    /// with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "ACCRETE_RATE_PER_SEC", default_value_t = 50)]
+    rate_per_sec: u32,
+    /// Calls a credential may make in a burst above --rate-per-sec.
+    #[arg(long, env = "ACCRETE_RATE_BURST", default_value_t = 100)]
+    rate_burst: u32,
+    /// Register calls per minute per peer IP address (registration needs no credential);
+    /// 0: no limit.
+    #[arg(long, env = "ACCRETE_REGISTER_PER_MIN", default_value_t = 60)]
+    register_per_min: u32,
+    /// Calls in flight at once; more are refused at once with UNAVAILABLE (load shedding)
+    /// rather than queued. 0: no limit.
+    #[arg(long, env = "ACCRETE_MAX_CONCURRENT", default_value_t = 512)]
+    max_concurrent: usize,
+    /// Seconds a call's handler may run before it fails with DEADLINE_EXCEEDED; 0: no limit.
+    #[arg(long, env = "ACCRETE_REQUEST_TIMEOUT_SECS", default_value_t = 120.0)]
+    request_timeout_secs: f64,
+    /// On SIGTERM or ctrl-c, seconds in-flight calls may take to finish before the server
+    /// exits anyway.
+    #[arg(long, env = "ACCRETE_SHUTDOWN_TIMEOUT", default_value_t = 30.0)]
+    shutdown_timeout: f64,
+    /// Log format: `text` or `json` (one JSON object per line, with the call's request id and
+    /// method in its span). The level is set with RUST_LOG (default info).
+    #[arg(long, env = "ACCRETE_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+    /// Same as --log-format json (kept for existing scripts).
+    #[arg(long, env = "ACCRETE_LOG_JSON", hide = true)]
     log_json: bool,
 }
 
 /// Runs the server with the process's arguments; what `main` of `accrete-server` calls.
 pub fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let args: Args = accrete_proto::config_file::parse()?;
     tokio::runtime::Runtime::new()?.block_on(serve(args))
 }
 
 async fn serve(args: Args) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| "info,sqlx=warn".into());
-    if args.log_json {
+    if args.log_json || args.log_format == "json" {
         tracing_subscriber::fmt()
             .json()
+            .with_current_span(true)
             .with_env_filter(filter)
             .init();
     } else {
         tracing_subscriber::fmt().with_env_filter(filter).init();
     }
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(TlsIdentity {
+            cert_pem: std::fs::read(cert)
+                .with_context(|| format!("reading --tls-cert {}", cert.display()))?,
+            key_pem: std::fs::read(key)
+                .with_context(|| format!("reading --tls-key {}", key.display()))?,
+        }),
+        _ if args.plaintext => None,
+        _ => anyhow::bail!(
+            "give --tls-cert and --tls-key to serve TLS, or --plaintext to serve without it"
+        ),
+    };
+    let secs = |s: f64| (s > 0.0).then(|| Duration::from_secs_f64(s));
+    let config = Config {
+        limits: Limits {
+            default_fuel: args.default_fuel,
+            max_module_bytes: args.max_module_bytes,
+            max_input_bytes: args.max_input_bytes,
+            max_output_bytes: args.max_output_bytes,
+            small_message_bytes: args.max_message_bytes,
+            ..Default::default()
+        },
+        rescue_interval: Duration::from_secs_f64(args.rescue_interval_secs.max(0.05)),
+        tls,
+        calls: CallLimits {
+            rate_per_sec: NonZeroU32::new(args.rate_per_sec),
+            rate_burst: NonZeroU32::new(args.rate_burst.max(args.rate_per_sec)),
+            register_per_min: NonZeroU32::new(args.register_per_min),
+            max_concurrent: (args.max_concurrent > 0).then_some(args.max_concurrent),
+            request_timeout: secs(args.request_timeout_secs),
+        },
+        metrics_listen: args.metrics_listen,
+        shutdown_timeout: Duration::from_secs_f64(args.shutdown_timeout.max(0.0)),
+        ..Default::default()
+    };
     let store = Store::connect(&args.database_url, args.db_connections)
         .await
         .context("connecting to the database")?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
-    tracing::info!(addr = %listener.local_addr()?, "accrete-server listening");
-    let config = Config {
-        limits: Limits {
-            default_fuel: args.default_fuel,
-            max_module_bytes: args.max_module_bytes,
-            ..Default::default()
-        },
-        rescue_interval: Duration::from_secs_f64(args.rescue_interval_secs.max(0.05)),
-        ..Default::default()
-    };
+    tracing::info!(
+        addr = %listener.local_addr()?,
+        tls = config.tls.is_some(),
+        "accrete-server listening"
+    );
     crate::run(store, config, listener, shutdown_signal()).await?;
     tracing::info!("accrete-server stopped");
     Ok(())

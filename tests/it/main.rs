@@ -7,6 +7,7 @@ mod devdb;
 mod e2e;
 mod faults;
 mod ledger;
+mod ops;
 mod scale_out;
 mod sim;
 mod trust;

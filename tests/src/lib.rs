@@ -74,6 +74,12 @@ pub fn test_config() -> Config {
 impl TestApp {
     /// A fresh database and a server on it, in this process.
     pub async fn spawn() -> TestApp {
+        TestApp::spawn_with(test_config()).await
+    }
+
+    /// A fresh database and a server on it with `config`, in this process. With TLS the URL is
+    /// `https://localhost:PORT` (the test certificate names `localhost`).
+    pub async fn spawn_with(config: Config) -> TestApp {
         init_tracing();
         let admin =
             std::env::var("ACCRETE_TEST_DATABASE_URL").unwrap_or_else(|_| LOCAL_SERVER.into());
@@ -92,12 +98,16 @@ impl TestApp {
             .expect("connecting and migrating");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let server_url = match config.tls {
+            Some(_) => format!("https://localhost:{}", addr.port()),
+            None => format!("http://{addr}"),
+        };
         let mut app = TestApp {
             db_url: db.url.clone(),
             store,
             addr,
-            server_url: format!("http://{addr}"),
-            config: test_config(),
+            server_url,
+            config,
             server: None,
             workers: Vec::new(),
             processes: Vec::new(),
@@ -152,7 +162,7 @@ impl TestApp {
                 "--listen",
                 &self.addr.to_string(),
             ])
-            .args(["--rescue-interval-secs", "0.2"])
+            .args(["--rescue-interval-secs", "0.2", "--plaintext"])
             .stdout(Stdio::null())
             .stderr(log_stdio())
             .spawn()

@@ -19,12 +19,25 @@ use tracing_subscriber::EnvFilter;
 /// Ctrl-C or SIGTERM stops the worker gracefully: it claims no more work, lets running work
 /// units finish for up to --drain-timeout-secs, and hands the rest back to the scheduler.
 /// Logging level is set with RUST_LOG (default: info).
+///
+/// Every setting can be given as a flag, as the environment variable named with it, or as a
+/// key of the TOML file named by --config (the flag's long name, e.g. `slots = 4`); flags win
+/// over the environment, which wins over the file, which wins over the defaults.
 #[derive(Debug, Parser)]
 #[command(name = "accrete-worker", version, about, long_about)]
 struct Args {
-    /// URL of the accrete scheduler.
+    /// A TOML file of settings (keys are the long flag names).
+    #[arg(long, env = "ACCRETE_WORKER_CONFIG", value_name = "FILE")]
+    config: Option<std::path::PathBuf>,
+
+    /// URL of the accrete scheduler: https://HOST:PORT for TLS, http://HOST:PORT for plaintext.
     #[arg(long, env = "ACCRETE_SERVER", default_value = "http://127.0.0.1:7070")]
     server: String,
+
+    /// CA certificate (PEM) that signed the scheduler's TLS certificate [default: the system's
+    /// trust store]. Only with an https:// server.
+    #[arg(long, env = "ACCRETE_CA_FILE", value_name = "FILE")]
+    ca_file: Option<std::path::PathBuf>,
 
     /// Work units run at once [default: number of CPU cores].
     #[arg(long, env = "ACCRETE_SLOTS")]
@@ -40,31 +53,35 @@ struct Args {
     account: String,
 
     /// Most work units claimed in one request.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, env = "ACCRETE_MAX_BATCH", default_value_t = 64)]
     max_batch: usize,
 
     /// Work units claimed ahead of free slots [default: --slots].
-    #[arg(long)]
+    #[arg(long, env = "ACCRETE_PREFETCH")]
     prefetch: Option<usize>,
 
     /// On shutdown, seconds running work units may take to finish before they are handed back.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, env = "ACCRETE_DRAIN_TIMEOUT_SECS", default_value_t = 10)]
     drain_timeout_secs: u64,
 
-    /// Log as JSON lines instead of human-readable text.
-    #[arg(long)]
+    /// Log format: `text` or `json` (one JSON object per line).
+    #[arg(long, env = "ACCRETE_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+
+    /// Same as --log-format json.
+    #[arg(long, hide = true)]
     log_json: bool,
 }
 
 /// Runs the worker with the process's arguments; what `main` of `accrete-worker` calls.
 pub fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let args: Args = accrete_proto::config_file::parse()?;
     tokio::runtime::Runtime::new()?.block_on(work(args))
 }
 
 async fn work(args: Args) -> anyhow::Result<()> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    if args.log_json {
+    if args.log_json || args.log_format == "json" {
         tracing_subscriber::fmt()
             .json()
             .with_env_filter(filter)
@@ -77,6 +94,7 @@ async fn work(args: Args) -> anyhow::Result<()> {
     }
 
     let mut config = crate::WorkerConfig::new(args.server);
+    config.tls = accrete_proto::transport::ClientTls::from_ca_file(args.ca_file.as_deref())?;
     if let Some(slots) = args.slots {
         config.slots = slots;
         config.prefetch = slots;

@@ -31,7 +31,6 @@ use accrete_proto::v1::HeartbeatRequest;
 use accrete_proto::v1::worker_service_client::WorkerServiceClient;
 use anyhow::Context as _;
 use tokio::sync::{Semaphore, mpsc};
-use tonic::transport::Endpoint;
 
 use crate::sandbox::{Cancel, Sandbox, SandboxConfig};
 use crate::session::{CallError, Rpc, Session, Stop, stop_pair};
@@ -63,6 +62,8 @@ pub struct WorkerConfig {
     pub drain_timeout: Duration,
     /// Interval between heartbeats (default 15 s).
     pub heartbeat_interval: Duration,
+    /// The CA to trust for an `https://` server (default: the system's roots).
+    pub tls: accrete_proto::transport::ClientTls,
 }
 
 impl WorkerConfig {
@@ -78,6 +79,7 @@ impl WorkerConfig {
             prefetch: slots,
             drain_timeout: Duration::from_secs(10),
             heartbeat_interval: Duration::from_secs(15),
+            tls: Default::default(),
         }
     }
 }
@@ -114,8 +116,7 @@ pub async fn run(
         })
         .context("creating the sandbox")?,
     );
-    let channel = Endpoint::from_shared(config.server.clone())
-        .with_context(|| format!("invalid server URL {:?}", config.server))?
+    let channel = accrete_proto::transport::endpoint(&config.server, &config.tls)?
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(60))
         .tcp_nodelay(true)

@@ -14,7 +14,9 @@ use crate::error::Error;
 use crate::scheduler::{self, Decision, Policy, ReplicaOutcome, ReplicaView};
 
 mod ledger;
+mod ops;
 pub use ledger::*;
+pub use ops::Gauges;
 
 /// Where a work unit is. Mirrors the `wu_state` enum.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::Type)]
