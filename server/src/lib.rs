@@ -1,7 +1,8 @@
 //! The accrete server: scheduler, validator and findings store behind one gRPC listener.
 //!
 //! Layout:
-//! - `service`: the gRPC edge (worker, research and ledger services).
+//! - `service`: the gRPC edge (worker, research and ledger services); `admin`: the admin
+//!   service; `auth`: API keys, roles and worker credentials, with their short-lived caches.
 //! - `scheduler`: the transitioner's rules (validate, fail, or ask for more replicas), pure.
 //! - `store`: every SQL statement; claims, reports and the rescuer as compare-and-set;
 //!   `store::ledger` seals the hash chain and answers the ledger queries.
@@ -14,7 +15,9 @@
 //! The server keeps no state of its own beyond caches: any number of processes may serve one
 //! database, and any of them may be killed at any time.
 
+pub mod admin;
 pub mod adoption;
+pub mod auth;
 pub mod cli;
 pub mod devdb;
 pub mod error;
@@ -28,6 +31,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use accrete_proto::MAX_MESSAGE_BYTES;
+use accrete_proto::v1::admin_service_server::AdminServiceServer;
 use accrete_proto::v1::ledger_service_server::LedgerServiceServer;
 use accrete_proto::v1::research_service_server::ResearchServiceServer;
 use accrete_proto::v1::worker_service_server::WorkerServiceServer;
@@ -96,6 +100,9 @@ pub struct Config {
     /// How often the sealer chains new findings and evidence into the ledger (and settles
     /// finished adoption proposals).
     pub seal_interval: Duration,
+    /// How long API keys and worker credentials read from the database are trusted: a revoked
+    /// key or a blocked worker is refused by every server within this.
+    pub auth_cache_ttl: Duration,
 }
 
 impl Default for Config {
@@ -104,6 +111,7 @@ impl Default for Config {
             limits: Limits::default(),
             rescue_interval: Duration::from_secs(1),
             seal_interval: Duration::from_millis(500),
+            auth_cache_ttl: auth::DEFAULT_CACHE_TTL,
         }
     }
 }
@@ -116,7 +124,7 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
-    let api = service::Api::new(store.clone(), config.limits.clone());
+    let api = service::Api::new(store.clone(), config.limits.clone(), config.auth_cache_ttl);
     let (stop_rescuer, rescuer_stopped) = tokio::sync::watch::channel(false);
     let sealer = tokio::spawn(seal_loop(
         store.clone(),
@@ -136,6 +144,7 @@ pub async fn run(
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
+        .add_service(AdminServiceServer::new(api.clone()))
         .add_service(
             LedgerServiceServer::new(api)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)

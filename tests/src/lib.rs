@@ -2,7 +2,9 @@
 //! uniquely named database on the local PostgreSQL, starts the real server on a loopback port,
 //! and starts workers in-process or as real processes (the `it-server`/`it-worker` binaries).
 //!
-//! Logs are silent unless `TEST_LOG` is set. The admin URL of the PostgreSQL server comes from
+//! Every research and ledger call needs an API key: `spawn` mints a researcher key straight in
+//! the database (`TestApp::api_key`), and `client()` sends it. Logs are silent unless
+//! `TEST_LOG` is set. The admin URL of the PostgreSQL server comes from
 //! `ACCRETE_TEST_DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`).
 
 use std::net::SocketAddr;
@@ -53,6 +55,8 @@ pub struct TestApp {
     pub addr: SocketAddr,
     pub server_url: String,
     pub config: Config,
+    /// A researcher key, sent by `client()`.
+    pub api_key: String,
     server: Option<Server>,
     workers: Vec<(
         watch::Sender<bool>,
@@ -67,6 +71,7 @@ pub fn test_config() -> Config {
     Config {
         rescue_interval: Duration::from_millis(200),
         seal_interval: Duration::from_millis(100),
+        auth_cache_ttl: Duration::from_secs(1),
         ..Config::default()
     }
 }
@@ -86,12 +91,20 @@ impl TestApp {
             .expect("connecting and migrating");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let (_, api_key) = accrete_server::admin::create_key(
+            &store,
+            accrete_server::auth::Role::Researcher,
+            "test harness",
+        )
+        .await
+        .expect("minting the harness's API key");
         let mut app = TestApp {
             db_url: db.url.clone(),
             store,
             addr,
             server_url: format!("http://{addr}"),
             config: test_config(),
+            api_key,
             server: None,
             workers: Vec::new(),
             processes: Vec::new(),
@@ -146,7 +159,12 @@ impl TestApp {
                 "--listen",
                 &self.addr.to_string(),
             ])
-            .args(["--rescue-interval-secs", "0.2"])
+            .args([
+                "--rescue-interval-secs",
+                "0.2",
+                "--auth-cache-ttl-secs",
+                "1",
+            ])
             .stdout(Stdio::null())
             .stderr(log_stdio())
             .spawn()
@@ -216,13 +234,22 @@ impl TestApp {
                 name,
                 "--slots",
                 &slots.to_string(),
+                "--credential-file",
             ])
+            .arg(self.credential_file(name))
             .stdout(Stdio::null())
             .stderr(log_stdio())
             .spawn()
             .unwrap_or_else(|e| panic!("starting worker {name} with {program} {args:?}: {e}"));
         self.processes.push(child);
         self.processes.len() - 1
+    }
+
+    /// Where process worker `name` of this test keeps its credential (a restarted worker with
+    /// the same name resumes as the same worker).
+    pub fn credential_file(&self, name: &str) -> std::path::PathBuf {
+        let db = self.db_url.rsplit('/').next().unwrap_or("db");
+        std::env::temp_dir().join(format!("accrete-it-{db}-{name}.credential"))
     }
 
     /// Kills a worker process with SIGKILL: no chance to report or hand anything back.
@@ -232,8 +259,24 @@ impl TestApp {
         child.wait().unwrap();
     }
 
+    /// A research and ledger client sending the harness's researcher key.
     pub async fn client(&self) -> Client {
-        Client::connect(&self.server_url).await.expect("connecting")
+        self.client_with(Some(&self.api_key)).await
+    }
+
+    /// A client sending `key` (or none).
+    pub async fn client_with(&self, key: Option<&str>) -> Client {
+        Client::connect_with_key(&self.server_url, key)
+            .await
+            .expect("connecting")
+    }
+
+    /// Mints an API key of `role` straight in the database, as `accrete-server keys create`.
+    pub async fn mint_key(&self, role: accrete_server::auth::Role, name: &str) -> String {
+        accrete_server::admin::create_key(&self.store, role, name)
+            .await
+            .expect("minting an API key")
+            .1
     }
 
     /// A raw worker-service client, for tests that play a (mis)behaving worker by hand.
@@ -354,6 +397,15 @@ impl TestApp {
             let _ = p.wait();
         }
         self.stop_server().await;
+        let creds = self.credential_file("");
+        if let (Some(dir), Some(prefix)) = (creds.parent(), creds.file_name()) {
+            let prefix = prefix.to_string_lossy().replace(".credential", "");
+            for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+        }
         self.store.pool().close().await;
         if let Some(db) = self.db.take() {
             db.stop().await.unwrap();

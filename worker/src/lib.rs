@@ -63,6 +63,9 @@ pub struct WorkerConfig {
     pub drain_timeout: Duration,
     /// Interval between heartbeats (default 15 s).
     pub heartbeat_interval: Duration,
+    /// Where to keep the credential `Register` returns (default: nowhere). With a file, a
+    /// restarted worker keeps its identity, its reputation and the replicas it held.
+    pub credential_file: Option<std::path::PathBuf>,
 }
 
 impl WorkerConfig {
@@ -78,6 +81,7 @@ impl WorkerConfig {
             prefetch: slots,
             drain_timeout: Duration::from_secs(10),
             heartbeat_interval: Duration::from_secs(15),
+            credential_file: None,
         }
     }
 }
@@ -126,7 +130,13 @@ pub async fn run(
         .max_decoding_message_size(accrete_proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(accrete_proto::MAX_MESSAGE_BYTES);
     let name = config.name.clone().unwrap_or_else(session::hostname);
-    let session = Arc::new(Session::new(client, name, config.account.clone()));
+    let session = Arc::new(Session::new(
+        client,
+        name,
+        config.account.clone(),
+        &config.server,
+        config.credential_file.clone(),
+    ));
     tracing::info!(
         server = %config.server,
         slots = config.slots,
