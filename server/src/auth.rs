@@ -183,3 +183,44 @@ impl Authenticator {
             .retain(|_, (_, c)| c.as_ref().is_none_or(|c| c.key_id != key_id));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_random_recognisable_and_stored_as_hashes() {
+        let (a, b) = (new_key(), new_key());
+        assert_ne!(a, b);
+        assert!(
+            a.starts_with(KEY_PREFIX) && a.len() == KEY_PREFIX.len() + 64,
+            "{a}"
+        );
+        assert_eq!(key_hash(&a), *blake3::hash(a.as_bytes()).as_bytes());
+        assert_eq!(key_prefix(&a), a[..12]);
+    }
+
+    #[test]
+    fn each_role_includes_the_ones_below_it() {
+        let caller = |role| Caller {
+            key_id: 7,
+            name: "k".into(),
+            role,
+        };
+        assert!(caller(Role::Admin).require(Role::Researcher, "x").is_ok());
+        assert!(caller(Role::Researcher).require(Role::Reader, "x").is_ok());
+        let Err(Error::PermissionDenied(m)) =
+            caller(Role::Reader).require(Role::Researcher, "SubmitStudy")
+        else {
+            panic!("a reader may not submit");
+        };
+        assert!(
+            m.contains("SubmitStudy needs the researcher role") && m.contains("is a reader"),
+            "{m}"
+        );
+        for r in [Role::Reader, Role::Researcher, Role::Admin] {
+            assert_eq!(Role::parse(r.name()), Some(r));
+        }
+        assert_eq!(Role::parse("root"), None);
+    }
+}

@@ -423,3 +423,28 @@ mod tests {
         ));
     }
 }
+
+#[cfg(test)]
+mod credential_tests {
+    use super::*;
+
+    #[test]
+    fn a_saved_credential_is_loaded_for_its_server_only() {
+        let path = std::env::temp_dir().join(format!("accrete-cred-test-{}", std::process::id()));
+        let auth = WorkerAuth {
+            worker_id: "0b5e6f8e-0000-4000-8000-000000000001".into(),
+            token: "secret".into(),
+        };
+        save_credential(&path, "http://a:1", &auth).unwrap();
+        assert_eq!(load_credential(&path, "http://a:1"), Some(auth));
+        assert_eq!(load_credential(&path, "http://b:1"), None);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o077, 0);
+        }
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(load_credential(&path, "http://a:1"), None);
+    }
+}
