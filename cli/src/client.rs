@@ -6,42 +6,79 @@ use std::time::{Duration, Instant};
 use accrete_proto::MAX_MESSAGE_BYTES;
 use accrete_proto::transport::ClientTls;
 use accrete_proto::v1::{
-    self as pb, ledger_service_client::LedgerServiceClient,
-    research_service_client::ResearchServiceClient,
+    self as pb, admin_service_client::AdminServiceClient,
+    ledger_service_client::LedgerServiceClient, research_service_client::ResearchServiceClient,
 };
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 use crate::sweep::SweepSpec;
 
-/// Clients of the research and ledger services over one connection.
+/// Sends the API key with every call, as the gRPC metadata `authorization: Bearer <key>`.
+#[derive(Clone)]
+pub struct ApiKey(Option<MetadataValue<Ascii>>);
+
+impl tonic::service::Interceptor for ApiKey {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A channel whose calls carry the API key.
+pub type Authed = InterceptedService<Channel, ApiKey>;
+
+/// Clients of the research, ledger and admin services over one connection.
 #[derive(Clone)]
 pub struct Client {
-    pub research: ResearchServiceClient<Channel>,
-    pub ledger: LedgerServiceClient<Channel>,
+    pub research: ResearchServiceClient<Authed>,
+    pub ledger: LedgerServiceClient<Authed>,
+    pub admin: AdminServiceClient<Authed>,
 }
 
 impl Client {
-    /// Connects to `server`; an `https://` URL uses TLS with the system's trust store.
+    /// A client without an API key (every call but the worker's needs one); an `https://` URL
+    /// uses TLS with the system's trust store.
     pub async fn connect(server: &str) -> anyhow::Result<Client> {
-        Client::connect_with(server, &ClientTls::default()).await
+        Client::connect_with(server, &ClientTls::default(), None).await
     }
 
-    /// Connects to `server`, trusting `tls`'s CA for an `https://` URL.
-    pub async fn connect_with(server: &str, tls: &ClientTls) -> anyhow::Result<Client> {
+    /// A client whose calls carry `api_key`, trusting `tls`'s CA for an `https://` URL.
+    pub async fn connect_with(
+        server: &str,
+        tls: &ClientTls,
+        api_key: Option<&str>,
+    ) -> anyhow::Result<Client> {
+        let key = api_key
+            .map(|k| {
+                MetadataValue::try_from(format!("Bearer {}", k.trim()))
+                    .context("the API key has characters a gRPC header cannot carry")
+            })
+            .transpose()?;
         let channel = accrete_proto::transport::endpoint(server, tls)?
             .connect_timeout(Duration::from_secs(5))
             .connect()
             .await
             .with_context(|| format!("connecting to {server}"))?;
+        let authed = InterceptedService::new(channel, ApiKey(key));
         Ok(Client {
-            research: ResearchServiceClient::new(channel.clone())
+            research: ResearchServiceClient::new(authed.clone())
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
-            ledger: LedgerServiceClient::new(channel)
+            ledger: LedgerServiceClient::new(authed.clone())
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            admin: AdminServiceClient::new(authed),
         })
     }
 

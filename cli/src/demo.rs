@@ -39,6 +39,10 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
 
 async fn with_database(opts: &DemoOptions, url: &str, started: Instant) -> anyhow::Result<()> {
     let store = accrete_server::Store::connect(url, 16).await?;
+    // The demo is its own researcher: a key minted straight in the (throwaway) database.
+    let (_, key) =
+        accrete_server::admin::create_key(&store, accrete_server::auth::Role::Researcher, "demo")
+            .await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let server_url = format!("http://{}", listener.local_addr()?);
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -62,7 +66,7 @@ async fn with_database(opts: &DemoOptions, url: &str, started: Instant) -> anyho
         .collect();
     println!("workers: {} x {} slot(s)", opts.workers, opts.slots);
 
-    let outcome = sweep_and_report(&server_url, opts.top, started).await;
+    let outcome = sweep_and_report(&server_url, &key, opts.top, started).await;
 
     let _ = stop_tx.send(true);
     for w in workers {
@@ -72,8 +76,13 @@ async fn with_database(opts: &DemoOptions, url: &str, started: Instant) -> anyho
     outcome
 }
 
-async fn sweep_and_report(server: &str, top: u32, started: Instant) -> anyhow::Result<()> {
-    let mut client = Client::connect(server).await?;
+async fn sweep_and_report(
+    server: &str,
+    key: &str,
+    top: u32,
+    started: Instant,
+) -> anyhow::Result<()> {
+    let mut client = Client::connect_with(server, &Default::default(), Some(key)).await?;
     let spec = SweepSpec::parse(SWEEP).map_err(anyhow::Error::msg)?;
     let name = spec.name.clone().unwrap_or_else(|| "demo".into());
     let submitted = client

@@ -31,6 +31,10 @@ struct Cli {
     /// trust store]. Only with an https:// server.
     #[arg(long, global = true, env = "ACCRETE_CA_FILE", value_name = "FILE")]
     ca_file: Option<PathBuf>,
+    /// API key sent with every call (`accrete-server keys create` makes one). Roles: reader
+    /// (queries), researcher (also submit, adopt, cancel own studies), admin (everything).
+    #[arg(long, global = true, env = "ACCRETE_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
     /// Print JSON (one document per command) instead of tables, for agents and scripts.
     #[arg(long, global = true)]
     json: bool,
@@ -181,6 +185,41 @@ enum Command {
         #[command(subcommand)]
         action: LedgerCommand,
     },
+    /// Operator commands (an admin key): API keys and worker blocks.
+    Admin {
+        #[command(subcommand)]
+        action: AdminCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum AdminCommand {
+    /// API keys: create (printed once), list, revoke.
+    Keys {
+        #[command(subcommand)]
+        action: KeysCommand,
+    },
+    /// Refuses a worker every call (within the servers' cache TTL, 5 s by default).
+    BlockWorker { worker_id: String },
+    /// Lifts a block.
+    UnblockWorker { worker_id: String },
+}
+
+#[derive(Subcommand, Debug)]
+enum KeysCommand {
+    /// Creates a key and prints it; it is never shown again.
+    Create {
+        /// reader, researcher or admin.
+        #[arg(long, value_parser = ["reader", "researcher", "admin"])]
+        role: String,
+        /// Who or what the key is for.
+        #[arg(long, default_value = "")]
+        name: String,
+    },
+    /// Lists keys (never the keys themselves).
+    List,
+    /// Revokes a key by id.
+    Revoke { id: u64 },
 }
 
 #[derive(Subcommand, Debug)]
@@ -250,7 +289,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let wasm =
                 std::fs::read(&module).with_context(|| format!("reading {}", module.display()))?;
             let name = file_stem(&module);
-            let hash = Client::connect_with(&cli.server, &tls)
+            let hash = Client::connect_with(&cli.server, &tls, cli.api_key.as_deref())
                 .await?
                 .put_module(wasm, &name)
                 .await?;
@@ -283,7 +322,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let name = name
                 .or(spec.name.clone())
                 .unwrap_or_else(|| file_stem(&sweep));
-            let mut client = Client::connect_with(&cli.server, &tls).await?;
+            let mut client =
+                Client::connect_with(&cli.server, &tls, cli.api_key.as_deref()).await?;
             let r = client
                 .submit_sweep(wasm, &file_stem(&module), &spec, &name, &parents)
                 .await?;
@@ -325,7 +365,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Status { study } => {
-            let r = Client::connect_with(&cli.server, &tls)
+            let r = Client::connect_with(&cli.server, &tls, cli.api_key.as_deref())
                 .await?
                 .status(study.unwrap_or(0))
                 .await?;
@@ -365,7 +405,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             ranges,
             cursor,
         } => {
-            let r = Client::connect_with(&cli.server, &tls)
+            let r = Client::connect_with(&cli.server, &tls, cli.api_key.as_deref())
                 .await?
                 .ledger
                 .list_findings(pb::ListFindingsRequest {
@@ -398,7 +438,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Lineage { finding } | Command::Children { finding } => {
-            let mut c = Client::connect_with(&cli.server, &tls).await?;
+            let mut c = Client::connect_with(&cli.server, &tls, cli.api_key.as_deref()).await?;
             let req = pb::FindingRelationRequest {
                 finding_id: finding,
             };
@@ -415,7 +455,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Leaves { study, limit } => {
-            let mut c = Client::connect_with(&cli.server, &tls).await?;
+            let mut c = Client::connect_with(&cli.server, &tls, cli.api_key.as_deref()).await?;
             let r = c
                 .ledger
                 .list_leaves(pb::ListLeavesRequest {
@@ -432,7 +472,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             desc,
             study,
         } => {
-            let mut c = Client::connect_with(&cli.server, &tls).await?;
+            let mut c = Client::connect_with(&cli.server, &tls, cli.api_key.as_deref()).await?;
             let r = c
                 .ledger
                 .best_findings(pb::BestFindingsRequest {
@@ -452,7 +492,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             seeds,
             wait,
         } => {
-            let mut c = Client::connect_with(&cli.server, &tls).await?;
+            let mut c = Client::connect_with(&cli.server, &tls, cli.api_key.as_deref()).await?;
             let r = c
                 .ledger
                 .adopt(pb::AdoptRequest {
@@ -490,7 +530,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             desc,
             top,
         } => {
-            let mut c = Client::connect_with(&cli.server, &tls).await?;
+            let mut c = Client::connect_with(&cli.server, &tls, cli.api_key.as_deref()).await?;
             let md = accrete::report::report(&mut c, study, &metric, desc, top).await?;
             print_out(cli.json, serde_json::json!({ "markdown": md }), || {
                 md.clone()
@@ -498,7 +538,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Finding { id } => {
-            let mut c = Client::connect_with(&cli.server, &tls).await?;
+            let mut c = Client::connect_with(&cli.server, &tls, cli.api_key.as_deref()).await?;
             let f = c
                 .ledger
                 .get_finding(pb::GetFindingRequest { finding_id: id })
@@ -512,7 +552,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Failures { study, limit } => {
-            let mut c = Client::connect_with(&cli.server, &tls).await?;
+            let mut c = Client::connect_with(&cli.server, &tls, cli.api_key.as_deref()).await?;
             let r = c
                 .ledger
                 .list_failures(pb::ListFailuresRequest {
@@ -535,7 +575,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Cancel { study } => {
-            let mut c = Client::connect_with(&cli.server, &tls).await?;
+            let mut c = Client::connect_with(&cli.server, &tls, cli.api_key.as_deref()).await?;
             let r = c
                 .research
                 .cancel_study(pb::CancelStudyRequest { study_id: study })
@@ -554,13 +594,116 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Ledger { action } => run_ledger(&cli.server, &tls, cli.json, action).await,
+        Command::Ledger { action } => {
+            run_ledger(&cli.server, &tls, cli.api_key.as_deref(), cli.json, action).await
+        }
+        Command::Admin { action } => {
+            let c = Client::connect_with(&cli.server, &tls, cli.api_key.as_deref()).await?;
+            run_admin(c, cli.json, action).await
+        }
     }
+}
+
+async fn run_admin(mut c: Client, json: bool, action: AdminCommand) -> anyhow::Result<()> {
+    match action {
+        AdminCommand::Keys {
+            action: KeysCommand::Create { role, name },
+        } => {
+            let r = c
+                .admin
+                .create_api_key(pb::CreateApiKeyRequest { role, name })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            print_out(
+                json,
+                serde_json::json!({ "id": r.id, "key": r.key }),
+                || {
+                    eprintln!("API key {} created; it is shown only now:", r.id);
+                    r.key.clone()
+                },
+            );
+        }
+        AdminCommand::Keys {
+            action: KeysCommand::List,
+        } => {
+            let keys = c
+                .admin
+                .list_api_keys(pb::ListApiKeysRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner()
+                .keys;
+            let rows: Vec<serde_json::Value> = keys
+                .iter()
+                .map(|k| {
+                    serde_json::json!({
+                        "id": k.id, "name": k.name, "role": k.role, "prefix": k.prefix,
+                        "created_unix": k.created_unix,
+                        "revoked_unix": (k.revoked_unix != 0).then_some(k.revoked_unix),
+                    })
+                })
+                .collect();
+            print_out(json, serde_json::Value::Array(rows), || {
+                let mut t = format!(
+                    "{:>5}  {:<10}  {:<14}  {:<20}  revoked\n",
+                    "id", "role", "prefix", "name"
+                );
+                for k in &keys {
+                    t.push_str(&format!(
+                        "{:>5}  {:<10}  {:<14}  {:<20}  {}\n",
+                        k.id,
+                        k.role,
+                        k.prefix,
+                        k.name,
+                        if k.revoked_unix != 0 { "yes" } else { "-" }
+                    ));
+                }
+                t
+            });
+        }
+        AdminCommand::Keys {
+            action: KeysCommand::Revoke { id },
+        } => {
+            c.admin
+                .revoke_api_key(pb::RevokeApiKeyRequest { id })
+                .await
+                .map_err(status_error)?;
+            print_out(json, serde_json::json!({ "revoked": id }), || {
+                format!("API key {id} revoked")
+            });
+        }
+        AdminCommand::BlockWorker { worker_id } => block(&mut c, json, worker_id, true).await?,
+        AdminCommand::UnblockWorker { worker_id } => block(&mut c, json, worker_id, false).await?,
+    }
+    Ok(())
+}
+
+async fn block(c: &mut Client, json: bool, worker_id: String, blocked: bool) -> anyhow::Result<()> {
+    c.admin
+        .set_worker_blocked(pb::SetWorkerBlockedRequest {
+            worker_id: worker_id.clone(),
+            blocked,
+        })
+        .await
+        .map_err(status_error)?;
+    print_out(
+        json,
+        serde_json::json!({ "worker": worker_id, "blocked": blocked }),
+        || {
+            format!(
+                "worker {worker_id} {}",
+                if blocked { "blocked" } else { "unblocked" }
+            )
+        },
+    );
+    Ok(())
 }
 
 async fn run_ledger(
     server: &str,
     tls: &ClientTls,
+    api_key: Option<&str>,
     json: bool,
     action: LedgerCommand,
 ) -> anyhow::Result<()> {
@@ -569,7 +712,8 @@ async fn run_ledger(
             let verdict = match file {
                 Some(path) => ledger::verify_file(&path)?,
                 None => {
-                    ledger::verify_remote(&mut Client::connect_with(server, tls).await?).await?
+                    ledger::verify_remote(&mut Client::connect_with(server, tls, api_key).await?)
+                        .await?
                 }
             };
             print_out(json, ledger::verdict_json(&verdict), || {
@@ -581,7 +725,7 @@ async fn run_ledger(
             Ok(())
         }
         LedgerCommand::Export { out } => {
-            let mut client = Client::connect_with(server, tls).await?;
+            let mut client = Client::connect_with(server, tls, api_key).await?;
             let n = match &out {
                 Some(path) => {
                     let file = std::fs::File::create(path)
@@ -598,7 +742,7 @@ async fn run_ledger(
             Ok(())
         }
         LedgerCommand::Watch { after } => {
-            let mut client = Client::connect_with(server, tls).await?;
+            let mut client = Client::connect_with(server, tls, api_key).await?;
             let mut stream = client
                 .ledger
                 .watch_ledger(pb::ExportLedgerRequest { after_seq: after })

@@ -23,6 +23,8 @@ use crate::{CallLimits, Config, Limits, Store, TlsIdentity};
 /// The gRPC listener serves TLS with --tls-cert and --tls-key; plaintext needs --plaintext.
 /// SIGTERM or ctrl-c stops accepting connections, drains in-flight calls for at most
 /// --shutdown-timeout seconds, and exits.
+/// Research, ledger and admin calls need an API key; make the first one with
+/// `accrete-server keys create --role admin`.
 #[derive(Parser, Debug)]
 #[command(version, about, long_about)]
 struct Args {
@@ -31,8 +33,14 @@ struct Args {
     config: Option<PathBuf>,
     /// PostgreSQL URL, e.g. postgres://postgres@127.0.0.1:5432/accrete. The schema is created
     /// or migrated at start-up.
-    #[arg(long, env = "DATABASE_URL")]
-    database_url: String,
+    #[arg(long, env = "DATABASE_URL", global = true)]
+    database_url: Option<String>,
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Seconds an API key's or worker credential's state read from the database is trusted: a
+    /// revoked key or a blocked worker is refused by every server within this.
+    #[arg(long, env = "ACCRETE_AUTH_CACHE_TTL_SECS", default_value_t = 5.0)]
+    auth_cache_ttl_secs: f64,
     /// Address to serve gRPC on (workers, researchers and dashboards all use it).
     #[arg(long, env = "ACCRETE_LISTEN", default_value = "127.0.0.1:7070")]
     listen: String,
@@ -113,13 +121,32 @@ struct Args {
     log_json: bool,
 }
 
-/// Runs the server with the process's arguments; what `main` of `accrete-server` calls.
-pub fn main() -> anyhow::Result<()> {
-    let args: Args = accrete_proto::config_file::parse()?;
-    tokio::runtime::Runtime::new()?.block_on(serve(args))
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// API keys, straight on the database (no server needed): create the first admin key here.
+    Keys {
+        #[command(subcommand)]
+        action: crate::admin::KeysCommand,
+    },
 }
 
-async fn serve(args: Args) -> anyhow::Result<()> {
+/// Runs the server with the process's arguments; what `main` of `accrete-server` calls.
+pub fn main() -> anyhow::Result<()> {
+    let mut args: Args = accrete_proto::config_file::parse()?;
+    let url = args
+        .database_url
+        .take()
+        .context("--database-url (or DATABASE_URL) is required")?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    match args.command.take() {
+        Some(Command::Keys { action }) => {
+            runtime.block_on(crate::admin::keys_command(&url, action))
+        }
+        None => runtime.block_on(serve(args, url)),
+    }
+}
+
+async fn serve(args: Args, database_url: String) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| "info,sqlx=warn".into());
     if args.log_json || args.log_format == "json" {
@@ -164,9 +191,10 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         },
         metrics_listen: args.metrics_listen,
         shutdown_timeout: Duration::from_secs_f64(args.shutdown_timeout.max(0.0)),
+        auth_cache_ttl: Duration::from_secs_f64(args.auth_cache_ttl_secs.clamp(0.0, 3600.0)),
         ..Default::default()
     };
-    let store = Store::connect(&args.database_url, args.db_connections)
+    let store = Store::connect(&database_url, args.db_connections)
         .await
         .context("connecting to the database")?;
     let listener = tokio::net::TcpListener::bind(&args.listen)

@@ -1,7 +1,8 @@
 //! The accrete server: scheduler, validator and findings store behind one gRPC listener.
 //!
 //! Layout:
-//! - `service`: the gRPC edge (worker, research and ledger services).
+//! - `service`: the gRPC edge (worker, research and ledger services); `admin`: the admin
+//!   service; `auth`: API keys, roles and worker credentials, with their short-lived caches.
 //! - `scheduler`: the transitioner's rules (validate, fail, or ask for more replicas), pure.
 //! - `store`: every SQL statement; claims, reports and the rescuer as compare-and-set;
 //!   `store::ledger` seals the hash chain and answers the ledger queries.
@@ -17,7 +18,9 @@
 //! The server keeps no state of its own beyond caches: any number of processes may serve one
 //! database, and any of them may be killed at any time.
 
+pub mod admin;
 pub mod adoption;
+pub mod auth;
 pub mod cli;
 pub mod devdb;
 pub mod error;
@@ -34,6 +37,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use accrete_proto::MAX_MESSAGE_BYTES;
+use accrete_proto::v1::admin_service_server::AdminServiceServer;
 use accrete_proto::v1::ledger_service_server::LedgerServiceServer;
 use accrete_proto::v1::research_service_server::ResearchServiceServer;
 use accrete_proto::v1::worker_service_server::WorkerServiceServer;
@@ -123,6 +127,9 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// How often the health service checks that PostgreSQL answers.
     pub health_interval: Duration,
+    /// How long API keys and worker credentials read from the database are trusted: a revoked
+    /// key or a blocked worker is refused by every server within this.
+    pub auth_cache_ttl: Duration,
 }
 
 /// A server certificate chain and its private key, both PEM.
@@ -150,6 +157,7 @@ impl Default for Config {
             metrics_listen: None,
             shutdown_timeout: Duration::from_secs(30),
             health_interval: Duration::from_secs(2),
+            auth_cache_ttl: auth::DEFAULT_CACHE_TTL,
         }
     }
 }
@@ -164,7 +172,7 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
-    let api = service::Api::new(store.clone(), config.limits.clone());
+    let api = service::Api::new(store.clone(), config.limits.clone(), config.auth_cache_ttl);
     let metrics = Metrics::new();
     let ops = limits::OpsLayer::new(&config.calls, &config.limits, metrics.clone());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -242,6 +250,7 @@ pub async fn run(
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
+        .add_service(AdminServiceServer::new(api.clone()))
         .add_service(
             LedgerServiceServer::new(api)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)

@@ -477,6 +477,7 @@ mod tests {
                 token: "secret".into(),
             }),
             max: 4,
+            resume: false,
         };
         let body = req.encode_to_vec();
         let mut framed = vec![0u8];

@@ -1,8 +1,13 @@
 //! The gRPC edge: the worker, research and ledger services. Converts proto messages to store
-//! types by hand, checks what callers send, and maps errors to status codes via `Error`.
+//! types by hand, checks who calls (`auth`) and what they send, and maps errors to status codes
+//! via `Error`.
+//!
+//! Access control is one line at the top of every method: `self.caller(&request, ROLE, WHAT)`
+//! for API-key calls, `self.worker(...)` for worker calls. Not a tower layer, so each method
+//! says what it needs where it is read, and the check can use the database (async).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use accrete_proto::v1::{
     self as pb, ledger_service_server::LedgerService, research_service_server::ResearchService,
@@ -11,54 +16,66 @@ use accrete_proto::v1::{
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
+use crate::auth::{Authenticator, Caller, Role};
 use crate::error::Error;
 use crate::scheduler::{self, Policy};
 use crate::store::{self, AckStatus, Bounds, FindingQuery, NewStudy, NewWorker, Outcome, Store};
 use crate::{Limits, module_check};
 
-/// State shared by the three services.
+/// State shared by the services.
 #[derive(Clone)]
 pub struct Api {
-    store: Store,
+    pub(crate) store: Store,
     limits: Limits,
-    /// Verified worker token hashes; the database stays the source of truth.
-    tokens: Arc<Mutex<HashMap<Uuid, [u8; 32]>>>,
+    /// Checks keys and worker credentials; caches them for a few seconds only.
+    pub(crate) auth: Authenticator,
+}
+
+/// The `authorization` metadata of a request, if any.
+fn bearer<T>(request: &Request<T>) -> Option<&str> {
+    request
+        .metadata()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
 }
 
 impl Api {
-    pub fn new(store: Store, limits: Limits) -> Api {
+    /// `auth_ttl`: how long a key's or worker credential's state read from the database is
+    /// trusted (see `auth::DEFAULT_CACHE_TTL`).
+    pub fn new(store: Store, limits: Limits, auth_ttl: Duration) -> Api {
         Api {
+            auth: Authenticator::new(store.clone(), auth_ttl),
             store,
             limits,
-            tokens: Arc::default(),
         }
     }
 
-    /// The worker a request comes from, if its token is right.
-    async fn worker(&self, auth: Option<&pb::WorkerAuth>) -> Result<Uuid, Error> {
-        let auth = auth.ok_or_else(|| Error::Unauthenticated("missing worker auth".into()))?;
-        let id = Uuid::parse_str(&auth.worker_id)
-            .map_err(|_| Error::Unauthenticated("malformed worker id".into()))?;
-        let presented = *blake3::hash(auth.token.as_bytes()).as_bytes();
-        let cached = self.tokens.lock().unwrap().get(&id).copied();
-        let known = match cached {
-            Some(h) => Some(h),
-            None => self
-                .store
-                .worker_token_hash(id)
-                .await?
-                .and_then(|h| <[u8; 32]>::try_from(h.as_slice()).ok()),
-        };
-        match known {
-            Some(h) if h == presented => {
-                self.tokens.lock().unwrap().insert(id, h);
-                Ok(id)
+    /// The API key a request comes with, if it may do `what`, which needs `need`.
+    pub(crate) async fn caller<T>(
+        &self,
+        request: &Request<T>,
+        need: Role,
+        what: &str,
+    ) -> Result<Caller, Error> {
+        let caller = self.auth.api_key(bearer(request)).await?;
+        caller.require(need, what)?;
+        Ok(caller)
+    }
+
+    /// The worker a worker call comes from, if its credential is right and it is not blocked.
+    /// `with_key`: the call carries `authorization` metadata, so its sender is told plainly that
+    /// API keys do not make worker calls.
+    async fn worker(&self, auth: Option<&pb::WorkerAuth>, with_key: bool) -> Result<Uuid, Error> {
+        let Some(auth) = auth else {
+            if with_key {
+                return Err(Error::PermissionDenied(
+                    "API keys cannot make worker calls; a worker sends the credential Register gave it"
+                        .into(),
+                ));
             }
-            Some(_) => Err(Error::Unauthenticated("wrong worker token".into())),
-            None => Err(Error::Unauthenticated(
-                "unknown worker; register again".into(),
-            )),
-        }
+            return Err(Error::Unauthenticated("missing worker auth".into()));
+        };
+        self.auth.worker(&auth.worker_id, &auth.token).await
     }
 }
 
@@ -110,10 +127,22 @@ impl WorkerService for Api {
         &self,
         request: Request<pb::FetchWorkRequest>,
     ) -> Result<Response<pb::FetchWorkResponse>, Status> {
+        let key = bearer(&request).is_some();
         let r = request.into_inner();
-        let worker = self.worker(r.auth.as_ref()).await?;
+        let worker = self.worker(r.auth.as_ref(), key).await?;
         let max = r.max.clamp(1, self.limits.fetch_batch_cap()) as i64;
-        let claimed = self.store.claim(worker, max).await?;
+        let mut claimed = if r.resume {
+            self.store.in_flight(worker, max).await?
+        } else {
+            Vec::new()
+        };
+        let resumed = claimed.len();
+        if (resumed as i64) < max {
+            claimed.extend(self.store.claim(worker, max - resumed as i64).await?);
+        }
+        if resumed > 0 {
+            tracing::info!(%worker, replicas = resumed, "replicas resumed by a returning worker");
+        }
         if claimed.is_empty() {
             // Nothing handed out: say so plainly if the worker may not have work.
             match self.store.standing(worker).await? {
@@ -166,8 +195,9 @@ impl WorkerService for Api {
         &self,
         request: Request<pb::ReportResultsRequest>,
     ) -> Result<Response<pb::ReportResultsResponse>, Status> {
+        let key = bearer(&request).is_some();
         let r = request.into_inner();
-        let worker = self.worker(r.auth.as_ref()).await?;
+        let worker = self.worker(r.auth.as_ref(), key).await?;
         if r.results.len() > self.limits.max_report_batch as usize {
             return Err(Error::InvalidArgument(format!(
                 "at most {} results per report",
@@ -220,7 +250,7 @@ impl WorkerService for Api {
                 wall_micros: res.wall_micros.min(i64::MAX as u64) as i64,
             });
         }
-        let mut acks = self.store.report(worker, &reports).await?;
+        let mut acks = self.store.report(worker, &reports, refused.len()).await?;
         acks.extend(refused.into_iter().map(|(id, why)| store::Ack {
             replica_id: id as i64,
             status: AckStatus::Rejected,
@@ -250,7 +280,9 @@ impl WorkerService for Api {
         &self,
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
-        let worker = self.worker(request.get_ref().auth.as_ref()).await?;
+        let worker = self
+            .worker(request.get_ref().auth.as_ref(), bearer(&request).is_some())
+            .await?;
         self.store.touch_worker(worker).await?;
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -264,8 +296,9 @@ impl WorkerService for Api {
         &self,
         request: Request<pb::GetModuleRequest>,
     ) -> Result<Response<pb::GetModuleResponse>, Status> {
+        let key = bearer(&request).is_some();
         let r = request.into_inner();
-        self.worker(r.auth.as_ref()).await?;
+        self.worker(r.auth.as_ref(), key).await?;
         let hash = hash32(&r.hash, "hash")?;
         match self.store.module(&hash).await? {
             Some(wasm) => Ok(Response::new(pb::GetModuleResponse { wasm })),
@@ -293,6 +326,7 @@ impl ResearchService for Api {
         &self,
         request: Request<pb::PutModuleRequest>,
     ) -> Result<Response<pb::PutModuleResponse>, Status> {
+        self.caller(&request, Role::Researcher, "PutModule").await?;
         let r = request.into_inner();
         if r.wasm.len() > self.limits.max_module_bytes {
             return Err(Error::InvalidArgument(format!(
@@ -323,6 +357,9 @@ impl ResearchService for Api {
         &self,
         request: Request<pb::SubmitStudyRequest>,
     ) -> Result<Response<pb::SubmitStudyResponse>, Status> {
+        let caller = self
+            .caller(&request, Role::Researcher, "SubmitStudy")
+            .await?;
         let r = request.into_inner();
         let module_hash = hash32(&r.module_hash, "module_hash")?;
         if self.store.module(&module_hash).await?.is_none() {
@@ -400,11 +437,13 @@ impl ResearchService for Api {
                 inputs: r.work_units.into_iter().map(|w| w.input).collect(),
                 parents,
                 dedup: true,
+                owner: Some(caller.key_id),
             })
             .await?;
         let known = created.existing.iter().filter(|&&f| f != 0).count();
         tracing::info!(
             study = created.study_id,
+            owner_key = caller.key_id,
             work_units = created.work_unit_ids.len() - known,
             already_validated = known,
             "study submitted"
@@ -424,6 +463,7 @@ impl ResearchService for Api {
         &self,
         request: Request<pb::GetStatusRequest>,
     ) -> Result<Response<pb::GetStatusResponse>, Status> {
+        self.caller(&request, Role::Reader, "GetStatus").await?;
         let study = request.into_inner().study_id;
         let filter = (study != 0).then(|| id_of(study, "study_id")).transpose()?;
         let rows = self.store.study_status(filter).await?;
@@ -462,8 +502,23 @@ impl ResearchService for Api {
         &self,
         request: Request<pb::CancelStudyRequest>,
     ) -> Result<Response<pb::CancelStudyResponse>, Status> {
+        let caller = self
+            .caller(&request, Role::Researcher, "CancelStudy")
+            .await?;
         let study = request.into_inner().study_id;
-        match self.store.cancel_study(id_of(study, "study_id")?).await? {
+        let id = id_of(study, "study_id")?;
+        match self.store.study_owner(id).await? {
+            None => return Err(Error::NotFound(format!("no study {study}")).into()),
+            Some(owner) if caller.role < Role::Admin && owner != Some(caller.key_id) => {
+                return Err(Error::PermissionDenied(format!(
+                    "study {study} belongs to another API key; a researcher may cancel only its own studies (an admin may cancel any)"
+                ))
+                .into());
+            }
+            Some(_) => {}
+        }
+        tracing::info!(study = id, key = caller.key_id, "study cancelled");
+        match self.store.cancel_study(id).await? {
             Some(n) => Ok(Response::new(pb::CancelStudyResponse {
                 cancelled_units: n,
             })),
@@ -692,6 +747,7 @@ impl LedgerService for Api {
         &self,
         request: Request<pb::ListFindingsRequest>,
     ) -> Result<Response<pb::ListFindingsResponse>, Status> {
+        self.caller(&request, Role::Reader, "ListFindings").await?;
         let r = request.into_inner();
         let study_id = self.study_filter(r.study_id)?;
         if let Some(s) = study_id
@@ -750,6 +806,7 @@ impl LedgerService for Api {
         &self,
         request: Request<pb::GetFindingRequest>,
     ) -> Result<Response<pb::Finding>, Status> {
+        self.caller(&request, Role::Reader, "GetFinding").await?;
         let id = request.into_inner().finding_id;
         let row = self.store.finding(id_of(id, "finding_id")?).await?;
         let row = row.ok_or_else(|| Error::NotFound(format!("no finding {id}")))?;
@@ -776,6 +833,7 @@ impl LedgerService for Api {
         &self,
         request: Request<pb::FindingRelationRequest>,
     ) -> Result<Response<pb::ListFindingsResponse>, Status> {
+        self.caller(&request, Role::Reader, "GetLineage").await?;
         let id = self
             .existing_finding(request.into_inner().finding_id)
             .await?;
@@ -786,6 +844,7 @@ impl LedgerService for Api {
         &self,
         request: Request<pb::FindingRelationRequest>,
     ) -> Result<Response<pb::ListFindingsResponse>, Status> {
+        self.caller(&request, Role::Reader, "ListChildren").await?;
         let id = self
             .existing_finding(request.into_inner().finding_id)
             .await?;
@@ -796,6 +855,7 @@ impl LedgerService for Api {
         &self,
         request: Request<pb::ListLeavesRequest>,
     ) -> Result<Response<pb::ListFindingsResponse>, Status> {
+        self.caller(&request, Role::Reader, "ListLeaves").await?;
         let r = request.into_inner();
         let study = self.study_filter(r.study_id)?;
         if let Some(s) = study
@@ -812,6 +872,7 @@ impl LedgerService for Api {
         &self,
         request: Request<pb::BestFindingsRequest>,
     ) -> Result<Response<pb::ListFindingsResponse>, Status> {
+        self.caller(&request, Role::Reader, "BestFindings").await?;
         let r = request.into_inner();
         if r.metric.is_empty() {
             return Err(Error::InvalidArgument("name the metric to rank by".into()).into());
@@ -827,6 +888,7 @@ impl LedgerService for Api {
         &self,
         request: Request<pb::ExportLedgerRequest>,
     ) -> Result<Response<EntryStream>, Status> {
+        self.caller(&request, Role::Reader, "ExportLedger").await?;
         Ok(Response::new(
             self.entry_stream(request.into_inner().after_seq, false)?,
         ))
@@ -838,6 +900,7 @@ impl LedgerService for Api {
         &self,
         request: Request<pb::ExportLedgerRequest>,
     ) -> Result<Response<EntryStream>, Status> {
+        self.caller(&request, Role::Reader, "WatchLedger").await?;
         Ok(Response::new(
             self.entry_stream(request.into_inner().after_seq, true)?,
         ))
@@ -847,6 +910,7 @@ impl LedgerService for Api {
         &self,
         request: Request<pb::AdoptRequest>,
     ) -> Result<Response<pb::AdoptResponse>, Status> {
+        let caller = self.caller(&request, Role::Researcher, "Adopt").await?;
         let r = request.into_inner();
         let id = id_of(r.finding_id, "finding_id")?;
         let seeds = if r.seeds == 0 { 4 } else { r.seeds };
@@ -856,7 +920,7 @@ impl LedgerService for Api {
         let metric = (!r.metric.is_empty()).then_some(r.metric.as_str());
         let opened = self
             .store
-            .create_adoption(id, metric, r.descending, seeds)
+            .create_adoption(id, metric, r.descending, seeds, Some(caller.key_id))
             .await?
             .ok_or_else(|| Error::NotFound(format!("no finding {id}")))?;
         tracing::info!(
@@ -875,6 +939,7 @@ impl LedgerService for Api {
         &self,
         request: Request<pb::GetAdoptionRequest>,
     ) -> Result<Response<pb::Adoption>, Status> {
+        self.caller(&request, Role::Reader, "GetAdoption").await?;
         let id = request.into_inner().adoption_id;
         let a = self
             .store
@@ -898,6 +963,7 @@ impl LedgerService for Api {
         &self,
         request: Request<pb::ListFailuresRequest>,
     ) -> Result<Response<pb::ListFailuresResponse>, Status> {
+        self.caller(&request, Role::Reader, "ListFailures").await?;
         let r = request.into_inner();
         let study = id_of(r.study_id, "study_id")?;
         if !self.store.study_exists(study).await? {

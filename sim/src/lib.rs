@@ -190,6 +190,7 @@ async fn worker(
             .fetch_work(pb::FetchWorkRequest {
                 auth: Some(auth.clone()),
                 max: args.batch,
+                resume: false,
             })
             .await;
         let assignments = match fetched {
@@ -426,7 +427,14 @@ async fn run_on(args: &Args, url: &str) -> anyhow::Result<Report> {
     let channel = Channel::from_shared(format!("http://{addr}"))?
         .connect()
         .await?;
-    let mut research = ResearchServiceClient::new(channel.clone());
+    // The simulation submits as a researcher whose key it mints straight in its database.
+    let (_, key) =
+        accrete_server::admin::create_key(&store, accrete_server::auth::Role::Researcher, "sim")
+            .await?;
+    let mut research = ResearchServiceClient::with_interceptor(
+        channel.clone(),
+        Bearer(format!("Bearer {key}").parse()?),
+    );
     let module_hash = research
         .put_module(pb::PutModuleRequest {
             wasm: module(),
@@ -597,12 +605,28 @@ async fn run_on(args: &Args, url: &str) -> anyhow::Result<Report> {
     Ok(report)
 }
 
+/// Sends the simulation's API key with every research call.
+#[derive(Clone)]
+pub struct Bearer(pub tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        request
+            .metadata_mut()
+            .insert("authorization", self.0.clone());
+        Ok(request)
+    }
+}
+
+/// A research client that sends an API key with every call.
+pub type Research =
+    ResearchServiceClient<tonic::service::interceptor::InterceptedService<Channel, Bearer>>;
+
 /// Waits until no work unit of `study` is pending, or the deadline passes.
-async fn wait(
-    research: &mut ResearchServiceClient<Channel>,
-    study: u64,
-    deadline: Instant,
-) -> anyhow::Result<()> {
+async fn wait(research: &mut Research, study: u64, deadline: Instant) -> anyhow::Result<()> {
     loop {
         let s = research
             .get_status(pb::GetStatusRequest { study_id: study })

@@ -109,9 +109,18 @@ pub struct Args {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+    /// A researcher API key, for --server (with its own servers the harness mints one).
+    #[arg(long, env = "ACCRETE_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
 }
 
 impl Args {
+    fn key(&self) -> anyhow::Result<&str> {
+        self.api_key
+            .as_deref()
+            .context("--api-key (or ACCRETE_API_KEY) is needed to submit to a running server")
+    }
+
     fn wus(&self) -> usize {
         self.wus.unwrap_or(match self.mode {
             Mode::Throughput => 200_000,
@@ -216,6 +225,10 @@ pub fn server_bin(given: Option<&Path>) -> anyhow::Result<PathBuf> {
 async fn throughput_local(args: &Args, url: &str) -> anyhow::Result<ThroughputReport> {
     // Migrate once here, so K processes do not all start by racing to migrate.
     let store = Store::connect(url, 4).await?;
+    let args = &Args {
+        api_key: Some(mint_key(&store).await?),
+        ..args.clone()
+    };
     let bin = server_bin(args.server_bin.as_deref())?;
     let mut servers =
         ServerProcesses::start(&bin, url, args.processes, args.db_connections).await?;
@@ -267,7 +280,10 @@ impl ServerProcesses {
                 .port();
             let addr = format!("127.0.0.1:{port}");
             let child = Command::new(bin)
-                .args(["--database-url", db_url, "--listen", &addr])
+                .args(["--database-url", db_url, "--listen", &addr, "--plaintext"])
+                // Every simulated worker registers from 127.0.0.1; a real fleet has an address
+                // per volunteer, so the per-address registration limit is off here.
+                .args(["--register-per-min", "0"])
                 .args(["--db-connections", &db_connections.to_string()])
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
@@ -508,6 +524,7 @@ async fn work(
             .fetch_work(pb::FetchWorkRequest {
                 auth: Some(auth.clone()),
                 max: batch,
+                resume: false,
             })
             .await;
         let elapsed = started.elapsed();
@@ -594,11 +611,25 @@ pub struct Submitted {
     pub request_bytes: usize,
 }
 
-pub async fn research_client(url: &str) -> anyhow::Result<ResearchServiceClient<Channel>> {
+/// A research client on `url` whose calls carry `api_key`.
+pub async fn research_client(url: &str, api_key: &str) -> anyhow::Result<crate::Research> {
     let channel = Channel::from_shared(url.to_string())?.connect().await?;
-    Ok(ResearchServiceClient::new(channel)
+    let bearer = crate::Bearer(
+        format!("Bearer {api_key}")
+            .parse()
+            .context("the API key has characters a gRPC header cannot carry")?,
+    );
+    Ok(ResearchServiceClient::with_interceptor(channel, bearer)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES))
+}
+
+/// A researcher key minted straight in the harness's throwaway database.
+pub async fn mint_key(store: &Store) -> anyhow::Result<String> {
+    let (_, key) =
+        accrete_server::admin::create_key(store, accrete_server::auth::Role::Researcher, "load")
+            .await?;
+    Ok(key)
 }
 
 /// Uploads the tiny module and submits `n` work units `{"i": first..first+n}` at `min_quorum`.
@@ -607,6 +638,7 @@ pub async fn research_client(url: &str) -> anyhow::Result<ResearchServiceClient<
 /// The time includes the module upload and building the request.
 pub async fn submit(
     url: &str,
+    api_key: &str,
     name: &str,
     first: u64,
     n: usize,
@@ -614,7 +646,7 @@ pub async fn submit(
     delay_bound_secs: u32,
 ) -> anyhow::Result<Submitted> {
     let started = Instant::now();
-    let mut research = research_client(url).await?;
+    let mut research = research_client(url, api_key).await?;
     let module_hash = research
         .put_module(pb::PutModuleRequest {
             wasm: module(),
@@ -771,8 +803,8 @@ async fn progress(pool: &PgPool) -> anyhow::Result<(i64, i64)> {
 }
 
 /// Validated work units of these studies, through the API (when the harness has no database).
-async fn validated_via_api(url: &str, studies: &[u64]) -> anyhow::Result<i64> {
-    let mut research = research_client(url).await?;
+async fn validated_via_api(url: &str, api_key: &str, studies: &[u64]) -> anyhow::Result<i64> {
+    let mut research = research_client(url, api_key).await?;
     let mut n = 0;
     for &s in studies {
         let r = research
@@ -852,7 +884,16 @@ async fn measure(
     pids: &[u32],
 ) -> anyhow::Result<ThroughputReport> {
     let wus = args.wus();
-    let submitted = submit(&urls[0], "accrete-load", 0, wus, 2, args.delay_bound).await?;
+    let submitted = submit(
+        &urls[0],
+        args.key()?,
+        "accrete-load",
+        0,
+        wus,
+        2,
+        args.delay_bound,
+    )
+    .await?;
     eprintln!(
         "submitted {wus} work units in {:.1} s; registering {} workers",
         submitted.secs, args.workers
@@ -867,7 +908,7 @@ async fn measure(
                 (v, Some(f))
             }
             None => (
-                validated_via_api(&urls[0], &submitted.study_ids).await?,
+                validated_via_api(&urls[0], args.key()?, &submitted.study_ids).await?,
                 None,
             ),
         };
@@ -1379,6 +1420,10 @@ async fn probe(args: &Args, urls: &[String], pids: &[u32], queued: usize) -> any
 
 async fn submit_local(args: &Args, url: &str) -> anyhow::Result<SubmitReport> {
     let store = Store::connect(url, 4).await?;
+    let args = &Args {
+        api_key: Some(mint_key(&store).await?),
+        ..args.clone()
+    };
     let bin = server_bin(args.server_bin.as_deref())?;
     let mut servers =
         ServerProcesses::start(&bin, url, args.processes, args.db_connections).await?;
@@ -1387,6 +1432,7 @@ async fn submit_local(args: &Args, url: &str) -> anyhow::Result<SubmitReport> {
 
     let small = submit(
         &urls[0],
+        args.key()?,
         "small queue",
         0,
         args.small_queue,
@@ -1400,7 +1446,7 @@ async fn submit_local(args: &Args, url: &str) -> anyhow::Result<SubmitReport> {
     );
     let small_probe = probe(args, &urls, &pids, args.small_queue).await?;
     // Out of the way, so the second probe fetches from the big study.
-    let mut research = research_client(&urls[0]).await?;
+    let mut research = research_client(&urls[0], args.key()?).await?;
     for &s in &small.study_ids {
         research
             .cancel_study(pb::CancelStudyRequest { study_id: s })
@@ -1411,6 +1457,7 @@ async fn submit_local(args: &Args, url: &str) -> anyhow::Result<SubmitReport> {
     eprintln!("submitting {wus} work units as one study");
     let big = submit(
         &urls[0],
+        args.key()?,
         "one million",
         10_000_000,
         wus,

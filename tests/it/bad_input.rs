@@ -317,6 +317,7 @@ async fn outputs_a_lying_worker_reports_are_checked_again_by_the_server() {
         .fetch_work(pb::FetchWorkRequest {
             auth: Some(auth.clone()),
             max: 4,
+            resume: false,
         })
         .await
         .unwrap()

@@ -350,6 +350,7 @@ async fn a_report_cut_off_after_commit_is_a_duplicate_when_retried() {
             .fetch_work(pb::FetchWorkRequest {
                 auth: Some(auth.clone()),
                 max: 1,
+                resume: false,
             })
             .await
             .unwrap()

@@ -1,6 +1,7 @@
 //! Integration tests on real parts: a fresh PostgreSQL database per test, the server over real
 //! gRPC sockets, and workers running the real wasmtime sandbox (in-process or as processes).
 
+mod auth;
 mod bad_input;
 mod cross_arch;
 mod devdb;

@@ -115,7 +115,9 @@ async fn tls_serves_workers_and_clients_that_trust_the_ca_and_refuses_the_rest()
 
     // The CLI's client with --ca-file connects and submits.
     let tls = ClientTls::from_ca_file(Some(&ca_file)).unwrap();
-    let mut client = Client::connect_with(&app.server_url, &tls).await.unwrap();
+    let mut client = Client::connect_with(&app.server_url, &tls, Some(&app.api_key))
+        .await
+        .unwrap();
     let study = submit_with(&mut client, tiny_model_inputs(4, 10), Default::default()).await;
 
     // Real worker processes run the study over TLS: one names the CA in its config file, the
@@ -177,7 +179,10 @@ async fn tls_serves_workers_and_clients_that_trust_the_ca_and_refuses_the_rest()
     };
     assert!(refused, "a plaintext client must not get through");
     // A CA file with an http:// URL is a mistake, said so.
-    let err = Client::connect_with(&plain, &tls).await.err().unwrap();
+    let err = Client::connect_with(&plain, &tls, Some(&app.api_key))
+        .await
+        .err()
+        .unwrap();
     assert!(format!("{err:#}").contains("plaintext"), "{err:#}");
 
     drop(workers);
@@ -480,6 +485,7 @@ async fn oversized_modules_inputs_outputs_and_requests_are_refused_each_by_its_c
         .fetch_work(pb::FetchWorkRequest {
             auth: Some(auth.clone()),
             max: 1,
+            resume: false,
         })
         .await
         .unwrap()

@@ -39,7 +39,8 @@ async fn three_server_processes_on_one_database_hand_out_each_replica_once() {
     let mut servers = ServerProcesses::start(Path::new(BINS.server), &db.url, 3, 4)
         .await
         .unwrap();
-    let study = submit(&servers.urls[0], "scale-out", 0, WUS, 2, 60)
+    let key = accrete_sim::load::mint_key(&store).await.unwrap();
+    let study = submit(&servers.urls[0], &key, "scale-out", 0, WUS, 2, 60)
         .await
         .unwrap()
         .study_ids[0];

@@ -27,6 +27,7 @@ async fn fetch(
         .fetch_work(pb::FetchWorkRequest {
             auth: Some(auth.clone()),
             max,
+            resume: false,
         })
         .await
         .map(|r| r.into_inner().assignments)

@@ -25,6 +25,7 @@ async fn fetch_one(app: &TestApp, auth: &pb::WorkerAuth) -> pb::Assignment {
         .fetch_work(pb::FetchWorkRequest {
             auth: Some(auth.clone()),
             max: 1,
+            resume: false,
         })
         .await
         .unwrap()

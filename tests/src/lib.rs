@@ -2,7 +2,9 @@
 //! uniquely named database on the local PostgreSQL, starts the real server on a loopback port,
 //! and starts workers in-process or as real processes (the `it-server`/`it-worker` binaries).
 //!
-//! Logs are silent unless `TEST_LOG` is set. The admin URL of the PostgreSQL server comes from
+//! Every research and ledger call needs an API key: `spawn` mints a researcher key straight in
+//! the database (`TestApp::api_key`), and `client()` sends it. Logs are silent unless
+//! `TEST_LOG` is set. The admin URL of the PostgreSQL server comes from
 //! `ACCRETE_TEST_DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`).
 
 use std::net::SocketAddr;
@@ -53,6 +55,8 @@ pub struct TestApp {
     pub addr: SocketAddr,
     pub server_url: String,
     pub config: Config,
+    /// A researcher key, sent by `client()`.
+    pub api_key: String,
     server: Option<Server>,
     workers: Vec<(
         watch::Sender<bool>,
@@ -67,6 +71,7 @@ pub fn test_config() -> Config {
     Config {
         rescue_interval: Duration::from_millis(200),
         seal_interval: Duration::from_millis(100),
+        auth_cache_ttl: Duration::from_secs(1),
         ..Config::default()
     }
 }
@@ -87,12 +92,16 @@ impl TestApp {
         let db = DevDb::on_server(&admin, &name)
             .await
             .expect("creating a test database (is PostgreSQL running at 127.0.0.1:5432?)");
-        Self::spawn_on(db).await
+        Self::start(db, config).await
     }
 
     /// A server on a database of the test's, e.g. a private cluster it can stop and start.
     pub async fn spawn_on(db: DevDb) -> TestApp {
         init_tracing();
+        Self::start(db, test_config()).await
+    }
+
+    async fn start(db: DevDb, config: Config) -> TestApp {
         let store = Store::connect(&db.url, 10)
             .await
             .expect("connecting and migrating");
@@ -102,12 +111,20 @@ impl TestApp {
             Some(_) => format!("https://localhost:{}", addr.port()),
             None => format!("http://{addr}"),
         };
+        let (_, api_key) = accrete_server::admin::create_key(
+            &store,
+            accrete_server::auth::Role::Researcher,
+            "test harness",
+        )
+        .await
+        .expect("minting the harness's API key");
         let mut app = TestApp {
             db_url: db.url.clone(),
             store,
             addr,
             server_url,
             config,
+            api_key,
             server: None,
             workers: Vec::new(),
             processes: Vec::new(),
@@ -162,7 +179,13 @@ impl TestApp {
                 "--listen",
                 &self.addr.to_string(),
             ])
-            .args(["--rescue-interval-secs", "0.2", "--plaintext"])
+            .args([
+                "--rescue-interval-secs",
+                "0.2",
+                "--auth-cache-ttl-secs",
+                "1",
+                "--plaintext",
+            ])
             .stdout(Stdio::null())
             .stderr(log_stdio())
             .spawn()
@@ -237,13 +260,22 @@ impl TestApp {
                 name,
                 "--slots",
                 &slots.to_string(),
+                "--credential-file",
             ])
+            .arg(self.credential_file(name))
             .stdout(Stdio::null())
             .stderr(log_stdio())
             .spawn()
             .unwrap_or_else(|e| panic!("starting worker {name} with {program} {args:?}: {e}"));
         self.processes.push(child);
         self.processes.len() - 1
+    }
+
+    /// Where process worker `name` of this test keeps its credential (a restarted worker with
+    /// the same name resumes as the same worker).
+    pub fn credential_file(&self, name: &str) -> std::path::PathBuf {
+        let db = self.db_url.rsplit('/').next().unwrap_or("db");
+        std::env::temp_dir().join(format!("accrete-it-{db}-{name}.credential"))
     }
 
     /// Kills a worker process with SIGKILL: no chance to report or hand anything back.
@@ -253,8 +285,24 @@ impl TestApp {
         child.wait().unwrap();
     }
 
+    /// A research and ledger client sending the harness's researcher key.
     pub async fn client(&self) -> Client {
-        Client::connect(&self.server_url).await.expect("connecting")
+        self.client_with(Some(&self.api_key)).await
+    }
+
+    /// A client sending `key` (or none).
+    pub async fn client_with(&self, key: Option<&str>) -> Client {
+        Client::connect_with(&self.server_url, &Default::default(), key)
+            .await
+            .expect("connecting")
+    }
+
+    /// Mints an API key of `role` straight in the database, as `accrete-server keys create`.
+    pub async fn mint_key(&self, role: accrete_server::auth::Role, name: &str) -> String {
+        accrete_server::admin::create_key(&self.store, role, name)
+            .await
+            .expect("minting an API key")
+            .1
     }
 
     /// A raw worker-service client, for tests that play a (mis)behaving worker by hand.
@@ -375,6 +423,15 @@ impl TestApp {
             let _ = p.wait();
         }
         self.stop_server().await;
+        let creds = self.credential_file("");
+        if let (Some(dir), Some(prefix)) = (creds.parent(), creds.file_name()) {
+            let prefix = prefix.to_string_lossy().replace(".credential", "");
+            for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+        }
         self.store.pool().close().await;
         if let Some(db) = self.db.take() {
             db.stop().await.unwrap();

@@ -52,6 +52,17 @@ struct Args {
     #[arg(long, env = "ACCRETE_ACCOUNT", default_value = "")]
     account: String,
 
+    /// File keeping this worker's credential, so a restarted worker keeps its identity, its
+    /// reputation and the work units it held [default: worker-NAME.credential in
+    /// $ACCRETE_STATE_DIR, $XDG_STATE_HOME/accrete or ~/.local/state/accrete]. Run two workers
+    /// on one host with different --name or --credential-file.
+    #[arg(long, env = "ACCRETE_CREDENTIAL_FILE")]
+    credential_file: Option<std::path::PathBuf>,
+
+    /// Keep the credential in memory only: every start registers a new worker.
+    #[arg(long, conflicts_with = "credential_file")]
+    no_credential_file: bool,
+
     /// Most work units claimed in one request.
     #[arg(long, env = "ACCRETE_MAX_BATCH", default_value_t = 64)]
     max_batch: usize,
@@ -102,7 +113,14 @@ async fn work(args: Args) -> anyhow::Result<()> {
     if let Some(prefetch) = args.prefetch {
         config.prefetch = prefetch;
     }
-    config.name = args.name;
+    let name = args.name.unwrap_or_else(crate::session::hostname);
+    config.credential_file = if args.no_credential_file {
+        None
+    } else {
+        args.credential_file
+            .or_else(|| default_credential_file(&name))
+    };
+    config.name = Some(name);
     config.account = args.account;
     config.max_batch = args.max_batch;
     config.drain_timeout = Duration::from_secs(args.drain_timeout_secs);
@@ -115,6 +133,29 @@ async fn work(args: Args) -> anyhow::Result<()> {
         summary.completed, summary.failed, summary.handed_back, summary.unreported
     );
     Ok(())
+}
+
+/// `worker-NAME.credential` in the state directory, if there is one.
+fn default_credential_file(name: &str) -> Option<std::path::PathBuf> {
+    let env = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(std::path::PathBuf::from)
+    };
+    let dir = env("ACCRETE_STATE_DIR")
+        .or_else(|| env("XDG_STATE_HOME").map(|d| d.join("accrete")))
+        .or_else(|| env("HOME").map(|d| d.join(".local/state/accrete")))?;
+    let safe: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    Some(dir.join(format!("worker-{safe}.credential")))
 }
 
 /// Resolves on Ctrl-C or (on Unix) SIGTERM, the signal service managers stop processes with.

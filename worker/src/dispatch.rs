@@ -97,6 +97,7 @@ pub(crate) async fn run(
             }
         }
         let max = held.num_permits() as u32;
+        let resume = ctx.session.resuming();
         let fetched = ctx
             .session
             .call(Rpc::FetchWork, &stop, |mut client, auth| async move {
@@ -104,6 +105,7 @@ pub(crate) async fn run(
                     .fetch_work(FetchWorkRequest {
                         auth: Some(auth),
                         max,
+                        resume,
                     })
                     .await
             })
@@ -111,6 +113,7 @@ pub(crate) async fn run(
         let response = match fetched {
             Ok(response) => {
                 backoff = Backoff::new();
+                ctx.session.resumed();
                 response
             }
             Err(CallError::Stopped) => break,

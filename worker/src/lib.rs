@@ -64,6 +64,9 @@ pub struct WorkerConfig {
     pub heartbeat_interval: Duration,
     /// The CA to trust for an `https://` server (default: the system's roots).
     pub tls: accrete_proto::transport::ClientTls,
+    /// Where to keep the credential `Register` returns (default: nowhere). With a file, a
+    /// restarted worker keeps its identity, its reputation and the replicas it held.
+    pub credential_file: Option<std::path::PathBuf>,
 }
 
 impl WorkerConfig {
@@ -80,6 +83,7 @@ impl WorkerConfig {
             drain_timeout: Duration::from_secs(10),
             heartbeat_interval: Duration::from_secs(15),
             tls: Default::default(),
+            credential_file: None,
         }
     }
 }
@@ -127,7 +131,13 @@ pub async fn run(
         .max_decoding_message_size(accrete_proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(accrete_proto::MAX_MESSAGE_BYTES);
     let name = config.name.clone().unwrap_or_else(session::hostname);
-    let session = Arc::new(Session::new(client, name, config.account.clone()));
+    let session = Arc::new(Session::new(
+        client,
+        name,
+        config.account.clone(),
+        &config.server,
+        config.credential_file.clone(),
+    ));
     tracing::info!(
         server = %config.server,
         slots = config.slots,

@@ -1,9 +1,12 @@
 //! The worker's session with the scheduler: one lazily connected gRPC channel, the credentials
-//! from `Register`, and the retry policy every call goes through (exponential backoff on
+//! from `Register` (saved to a file when asked, so a restart keeps the worker's identity and
+//! its replicas), and the retry policy every call goes through (exponential backoff on
 //! transport errors, registering again when the server no longer knows this worker).
 
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use accrete_proto::v1::worker_service_client::WorkerServiceClient;
@@ -142,10 +145,28 @@ pub(crate) struct Session {
     hello: RegisterRequest,
     auth: Mutex<Option<WorkerAuth>>,
     registering: tokio::sync::Mutex<()>,
+    /// Where the credential is saved, and for which server.
+    saved: Option<(PathBuf, String)>,
+    /// The credential came from the file: the first fetch asks for the replicas still held.
+    resume: AtomicBool,
 }
 
 impl Session {
-    pub(crate) fn new(client: Client, name: String, account: String) -> Self {
+    /// `credential_file`: load the credential from it if it was saved for `server`, and save
+    /// every new one there.
+    pub(crate) fn new(
+        client: Client,
+        name: String,
+        account: String,
+        server: &str,
+        credential_file: Option<PathBuf>,
+    ) -> Self {
+        let loaded = credential_file
+            .as_deref()
+            .and_then(|path| load_credential(path, server));
+        if let Some(auth) = &loaded {
+            tracing::info!(worker_id = %auth.worker_id, "using the saved worker credential");
+        }
         Self {
             client,
             hello: RegisterRequest {
@@ -153,9 +174,21 @@ impl Session {
                 name,
                 account,
             },
-            auth: Mutex::new(None),
+            resume: AtomicBool::new(loaded.is_some()),
+            auth: Mutex::new(loaded),
             registering: tokio::sync::Mutex::new(()),
+            saved: credential_file.map(|p| (p, server.to_string())),
         }
+    }
+
+    /// Whether the next fetch should ask for replicas this worker held before a restart.
+    pub(crate) fn resuming(&self) -> bool {
+        self.resume.load(Ordering::Relaxed)
+    }
+
+    /// The first fetch after a restart went through: later ones claim new work only.
+    pub(crate) fn resumed(&self) {
+        self.resume.store(false, Ordering::Relaxed);
     }
 
     /// The id the server gave this worker, once registered.
@@ -201,6 +234,11 @@ impl Session {
                         token: r.token,
                     };
                     *self.auth.lock().unwrap_or_else(|e| e.into_inner()) = Some(auth.clone());
+                    if let Some((path, server)) = &self.saved
+                        && let Err(e) = save_credential(path, server, &auth)
+                    {
+                        tracing::warn!(path = %path.display(), error = %e, "cannot save the worker credential; a restart will register anew");
+                    }
                     return Ok(auth);
                 }
                 Err(status) if matches!(verdict(Rpc::FetchWork, &status), Verdict::Refused) => {
@@ -277,6 +315,45 @@ impl Session {
     }
 }
 
+/// The credential in `path` if it was saved for `server` (a file of `key=value` lines).
+fn load_credential(path: &Path, server: &str) -> Option<WorkerAuth> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix('='))
+            .map(|v| v.trim().to_string())
+    };
+    if field("server")? != server {
+        tracing::info!(path = %path.display(), "the saved credential is for another server; registering");
+        return None;
+    }
+    Some(WorkerAuth {
+        worker_id: field("worker_id")?,
+        token: field("token")?,
+    })
+}
+
+/// Saves a credential readable by this user only, replacing the file atomically.
+fn save_credential(path: &Path, server: &str, auth: &WorkerAuth) -> std::io::Result<()> {
+    use std::io::Write as _;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("tmp");
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(&tmp)?;
+    writeln!(
+        file,
+        "# accrete-worker credential; keep it secret\nserver={server}\nworker_id={}\ntoken={}",
+        auth.worker_id, auth.token
+    )?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
 /// A status's message plus its source chain (a transport error's cause is only in the chain).
 pub(crate) fn describe(status: &Status) -> String {
     let mut text = status.message().to_owned();
@@ -344,5 +421,30 @@ mod tests {
             verdict(Rpc::FetchWork, &blocked),
             Verdict::Refused
         ));
+    }
+}
+
+#[cfg(test)]
+mod credential_tests {
+    use super::*;
+
+    #[test]
+    fn a_saved_credential_is_loaded_for_its_server_only() {
+        let path = std::env::temp_dir().join(format!("accrete-cred-test-{}", std::process::id()));
+        let auth = WorkerAuth {
+            worker_id: "0b5e6f8e-0000-4000-8000-000000000001".into(),
+            token: "secret".into(),
+        };
+        save_credential(&path, "http://a:1", &auth).unwrap();
+        assert_eq!(load_credential(&path, "http://a:1"), Some(auth));
+        assert_eq!(load_credential(&path, "http://b:1"), None);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o077, 0);
+        }
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(load_credential(&path, "http://a:1"), None);
     }
 }

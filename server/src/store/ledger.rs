@@ -825,6 +825,7 @@ impl Store {
         metric: Option<&str>,
         descending: bool,
         seeds: u32,
+        owner: Option<i64>,
     ) -> Result<Option<OpenedAdoption>, Error> {
         let Some(src) = sqlx::query_as::<_, AdoptSource>(
             "SELECT f.study_id, w.module_hash, w.input, f.metrics, w.min_quorum, w.target_nresults,
@@ -900,6 +901,7 @@ impl Store {
                 inputs,
                 parents: Vec::new(),
                 dedup: false,
+                owner,
             },
         )
         .await?;

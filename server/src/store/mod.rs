@@ -13,8 +13,10 @@ use uuid::Uuid;
 use crate::error::Error;
 use crate::scheduler::{self, Decision, Policy, ReplicaOutcome, ReplicaView};
 
+mod auth;
 mod ledger;
 mod ops;
+pub use auth::*;
 pub use ledger::*;
 pub use ops::Gauges;
 
@@ -80,6 +82,8 @@ pub struct NewStudy {
     pub parents: Vec<i64>,
     /// Answer inputs already validated (same module, input and policy) with their findings.
     pub dedup: bool,
+    /// The API key that submitted it (`None`: made by the server itself); it may cancel it.
+    pub owner: Option<i64>,
 }
 
 /// What `create_study` made: per input, a new work unit or the finding that already answers it.
@@ -130,6 +134,8 @@ pub struct Reputation {
     pub consecutive_valid: i64,
     pub daily_quota: i32,
     pub blocked: bool,
+    /// Reports refused as not its to make (see `Store::report`).
+    pub rejected_reports: i64,
 }
 
 /// A volunteer account's reputation: its workers' counts summed, and the error rate estimated
@@ -397,6 +403,13 @@ const CREDIT_ERROR: &str = "
                          daily_quota = GREATEST(w.daily_quota >> LEAST(c.n, 30), 1)
     FROM (SELECT id, count(*)::int AS n FROM UNNEST($1::uuid[]) AS id GROUP BY id) c
     WHERE w.id = c.id";
+/// A refused report (not the sender's replica, unknown, a second different result): counted,
+/// and it halves the daily quota like a wrong result, so probing costs the prober.
+const CREDIT_REJECTED: &str = "
+    UPDATE workers w SET rejected_reports = w.rejected_reports + c.n,
+                         daily_quota = GREATEST(w.daily_quota >> LEAST(c.n, 30), 1)
+    FROM (SELECT id, count(*)::int AS n FROM UNNEST($1::uuid[]) AS id GROUP BY id) c
+    WHERE w.id = c.id";
 const CREDIT_TIMEOUT: &str = "
     UPDATE workers w SET timeout_count = w.timeout_count + c.n,
                          daily_quota = GREATEST(w.daily_quota >> LEAST(c.n, 30), 1)
@@ -410,6 +423,7 @@ enum Credit {
     Invalid,
     Error,
     Timeout,
+    Rejected,
 }
 
 /// Reputation changes gathered during a transaction and applied at its end, after locking the
@@ -451,6 +465,7 @@ impl Credits {
             (Credit::Invalid, CREDIT_INVALID),
             (Credit::Error, CREDIT_ERROR),
             (Credit::Timeout, CREDIT_TIMEOUT),
+            (Credit::Rejected, CREDIT_REJECTED),
         ] {
             let workers: Vec<Uuid> = self.0.iter().filter(|c| c.1 == kind).map(|c| c.0).collect();
             if workers.is_empty() {
@@ -555,7 +570,7 @@ impl Store {
     pub async fn reputation(&self, worker: Uuid) -> Result<Option<Reputation>, Error> {
         Ok(sqlx::query_as::<_, Reputation>(
             "SELECT account, valid_count, invalid_count, error_count, timeout_count,
-                    consecutive_valid, daily_quota, blocked
+                    consecutive_valid, daily_quota, blocked, rejected_reports
              FROM workers WHERE id = $1",
         )
         .bind(worker)
@@ -587,15 +602,6 @@ impl Store {
             .await?
             .rows_affected()
             == 1)
-    }
-
-    pub async fn worker_token_hash(&self, id: Uuid) -> Result<Option<Vec<u8>>, Error> {
-        Ok(
-            sqlx::query_scalar("SELECT token_hash FROM workers WHERE id = $1")
-                .bind(id)
-                .fetch_optional(&self.pool)
-                .await?,
-        )
     }
 
     pub async fn touch_worker(&self, id: Uuid) -> Result<(), Error> {
@@ -693,11 +699,24 @@ impl Store {
 
     /// Records a batch of results from one worker, then moves each touched work unit on. One
     /// transaction: either every acknowledged result is durable or none is.
-    pub async fn report(&self, worker: Uuid, reports: &[Report]) -> Result<Vec<Ack>, Error> {
-        retry_deadlocks(|| self.report_once(worker, reports)).await
+    /// Every refused report, plus `refused_before` (results the service refused before they
+    /// reached the store, e.g. a forged hash), is counted against the worker in the same
+    /// transaction.
+    pub async fn report(
+        &self,
+        worker: Uuid,
+        reports: &[Report],
+        refused_before: usize,
+    ) -> Result<Vec<Ack>, Error> {
+        retry_deadlocks(|| self.report_once(worker, reports, refused_before)).await
     }
 
-    async fn report_once(&self, worker: Uuid, reports: &[Report]) -> Result<Vec<Ack>, Error> {
+    async fn report_once(
+        &self,
+        worker: Uuid,
+        reports: &[Report],
+        refused_before: usize,
+    ) -> Result<Vec<Ack>, Error> {
         let ids: Vec<i64> = reports.iter().map(|r| r.replica_id).collect();
         // Which work units these replicas belong to, to lock them first (in id order, as every
         // path does, so two transactions never wait on each other in a cycle).
@@ -749,6 +768,13 @@ impl Store {
         touched.sort_unstable();
         touched.dedup();
         transition(&mut tx, &wus, &touched, &mut credits).await?;
+        let rejected = acks
+            .iter()
+            .filter(|a| a.status == AckStatus::Rejected)
+            .count();
+        for _ in 0..rejected + refused_before {
+            credits.add(worker, Credit::Rejected);
+        }
         credits.apply(&mut tx).await?;
         tx.commit().await?;
         Ok(acks)
@@ -973,11 +999,13 @@ pub(crate) async fn create_study_in(
     s: &NewStudy,
 ) -> Result<CreatedStudy, Error> {
     let study_id: i64 = sqlx::query_scalar(
-        "INSERT INTO studies (name, description, module_hash) VALUES ($1, $2, $3) RETURNING id",
+        "INSERT INTO studies (name, description, module_hash, owner_key) VALUES ($1, $2, $3, $4)
+         RETURNING id",
     )
     .bind(&s.name)
     .bind(&s.description)
     .bind(&s.module_hash[..])
+    .bind(s.owner)
     .fetch_one(&mut **tx)
     .await?;
     sqlx::query(

@@ -224,7 +224,13 @@ async fn main() -> anyhow::Result<()> {
             let _ = rx.wait_for(|s| *s).await;
         },
     ));
-    let mut client = Client::connect(&url).await?;
+    let (_, key) = accrete_server::admin::create_key(
+        &store,
+        accrete_server::auth::Role::Reader,
+        "ledger-bench",
+    )
+    .await?;
+    let mut client = Client::connect_with(&url, &Default::default(), Some(&key)).await?;
     let start = Instant::now();
     let verdict = accrete::ledger::verify_remote(&mut client).await?;
     println!(
