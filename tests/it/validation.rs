@@ -270,3 +270,374 @@ async fn text_the_database_refuses_never_poisons_a_report() {
     assert_eq!(message, "stderr with a  NUL");
     app.shutdown().await;
 }
+
+/// Every replica a hand-driven worker can get, by work unit id.
+async fn fetch_all(app: &TestApp, auth: &pb::WorkerAuth) -> std::collections::BTreeMap<u64, u64> {
+    let mut client = app.worker_client().await;
+    let mut got = std::collections::BTreeMap::new();
+    loop {
+        let r = client
+            .fetch_work(pb::FetchWorkRequest {
+                auth: Some(auth.clone()),
+                max: 50,
+                resume: false,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if r.assignments.is_empty() {
+            return got;
+        }
+        for a in r.assignments {
+            assert!(got.insert(a.work_unit_id, a.replica_id).is_none());
+        }
+    }
+}
+
+async fn report_all(
+    app: &TestApp,
+    auth: &pb::WorkerAuth,
+    results: Vec<pb::ReplicaResult>,
+) -> Vec<pb::ReportAck> {
+    app.worker_client()
+        .await
+        .report_results(pb::ReportResultsRequest {
+            auth: Some(auth.clone()),
+            results,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .acks
+}
+
+/// One large report mixing every kind of result (successes that complete a quorum, that wait,
+/// that disagree; errors; hand-backs; duplicates and conflicting repeats; another worker's
+/// replicas; an unknown id; late results on settled units, right and wrong) leaves exactly the
+/// rows the rules say, whatever the batch holds: the store decides the whole batch in memory
+/// and writes each table once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_mixed_report_batch_leaves_exactly_the_expected_rows() {
+    use std::collections::BTreeMap;
+    let app = TestApp::spawn().await;
+    // Groups of work units by what happens to them, in submission order.
+    const GROUPS: [(&str, usize); 11] = [
+        ("validate", 40),  // A right, then B right in the big batch: validates there
+        ("disagree", 4),   // A right, B different: waits for a tie-breaker
+        ("wait", 10),      // only B reports: waits for A
+        ("error", 2),      // A right, B errors
+        ("hand_back", 3),  // A right, B hands back
+        ("foreign", 3),    // A right; B reports A's replica: refused
+        ("duplicate", 3),  // B right before, the same again: duplicate
+        ("conflict", 2),   // B right before, something else now: refused
+        ("error_dup", 1),  // B errored before, the same error again: duplicate
+        ("late_valid", 4), // second study: A and C validate; B reports late, right
+        ("late_wrong", 1), // the same; B reports late, wrong
+    ];
+    let mut group_of = Vec::new();
+    for (g, n) in GROUPS {
+        group_of.extend(std::iter::repeat_n(g, n));
+    }
+    let n_first = group_of.iter().filter(|g| !g.starts_with("late")).count();
+    let input = |i: usize| format!(r#"{{"i":{i}}}"#).into_bytes();
+    let right = |i: usize| format!(r#"{{"metrics":{{"v":{i}}}}}"#).into_bytes();
+    let other = |i: usize| format!(r#"{{"metrics":{{"v":{i}.5}}}}"#).into_bytes();
+    let first = app
+        .submit(
+            accrete_tasks::TINY_MODEL,
+            (0..n_first).map(input).collect(),
+            policy(2),
+            bounds(),
+        )
+        .await;
+    let three = pb::ReplicationPolicy {
+        target_nresults: 3,
+        ..policy(2)
+    };
+    let second = app
+        .submit(
+            accrete_tasks::TINY_MODEL,
+            (n_first..group_of.len()).map(input).collect(),
+            three,
+            bounds(),
+        )
+        .await;
+    let wu_ids: Vec<u64> = first
+        .work_unit_ids
+        .iter()
+        .chain(&second.work_unit_ids)
+        .copied()
+        .collect();
+    let (a, b, c) = (
+        app.register("a").await,
+        app.register("b").await,
+        app.register("c").await,
+    );
+    let (ra, rb, rc) = (
+        fetch_all(&app, &a).await,
+        fetch_all(&app, &b).await,
+        fetch_all(&app, &c).await,
+    );
+    assert_eq!(
+        (ra.len(), rb.len(), rc.len()),
+        (wu_ids.len(), wu_ids.len(), 5)
+    );
+    let fail = |replica_id| pb::ReplicaResult {
+        replica_id,
+        outcome: Some(pb::replica_result::Outcome::Failure(pb::Failure {
+            kind: pb::ErrorKind::Trap as i32,
+            message: "boom".into(),
+            fuel_used: 7,
+        })),
+        wall_micros: 3,
+    };
+    let hand_back = |replica_id| pb::ReplicaResult {
+        replica_id,
+        outcome: Some(pb::replica_result::Outcome::HandBack(pb::HandBack {})),
+        wall_micros: 0,
+    };
+    let units = || {
+        wu_ids
+            .iter()
+            .copied()
+            .enumerate()
+            .map(|(i, wu)| (i, wu, group_of[i]))
+    };
+
+    // A reports where A's result is part of the story; C completes the second study.
+    let a_results = units()
+        .filter(|(_, _, g)| !matches!(*g, "wait" | "duplicate" | "conflict" | "error_dup"))
+        .map(|(i, wu, _)| success(ra[&wu], &right(i)))
+        .collect();
+    assert!(
+        report_all(&app, &a, a_results)
+            .await
+            .iter()
+            .all(|k| k.status() == pb::ReportStatus::Accepted)
+    );
+    let c_results = units()
+        .filter(|(_, _, g)| g.starts_with("late"))
+        .map(|(i, wu, _)| success(rc[&wu], &right(i)))
+        .collect();
+    report_all(&app, &c, c_results).await;
+    // B's earlier results.
+    let b_before = units()
+        .filter_map(|(i, wu, g)| match g {
+            "duplicate" | "conflict" => Some(success(rb[&wu], &right(i))),
+            "error_dup" => Some(fail(rb[&wu])),
+            _ => None,
+        })
+        .collect();
+    report_all(&app, &b, b_before).await;
+
+    // The big batch, interleaved (every third unit from the end first) so that no kind is
+    // contiguous, with what each result should be acknowledged as.
+    let mut order: Vec<usize> = (0..wu_ids.len()).collect();
+    order.sort_by_key(|&i| (i % 3, std::cmp::Reverse(i)));
+    let mut batch = Vec::new();
+    let mut expected = Vec::new();
+    use pb::ReportStatus::{Accepted, Duplicate, Rejected};
+    for i in order {
+        let wu = wu_ids[i];
+        let (result, status) = match group_of[i] {
+            "validate" | "wait" | "late_valid" | "duplicate" => (
+                success(rb[&wu], &right(i)),
+                if group_of[i] == "duplicate" {
+                    Duplicate
+                } else {
+                    Accepted
+                },
+            ),
+            "disagree" => (success(rb[&wu], &other(i)), Accepted),
+            "late_wrong" => (success(rb[&wu], &other(i)), Accepted),
+            "error" => (fail(rb[&wu]), Accepted),
+            "hand_back" => (hand_back(rb[&wu]), Accepted),
+            "foreign" => (success(ra[&wu], &right(i)), Rejected),
+            "conflict" => (success(rb[&wu], &other(i)), Rejected),
+            "error_dup" => (fail(rb[&wu]), Duplicate),
+            g => unreachable!("{g}"),
+        };
+        batch.push(result);
+        expected.push((status, result_id(&batch)));
+    }
+    batch.push(success(9_000_000_000, &right(0)));
+    expected.push((Rejected, 9_000_000_000));
+    let acks = report_all(&app, &b, batch).await;
+    let got: Vec<(pb::ReportStatus, u64)> =
+        acks.iter().map(|k| (k.status(), k.replica_id)).collect();
+    assert_eq!(got, expected);
+
+    // The rows, exactly.
+    let pool = app.store.pool();
+    type ReplicaRow = (
+        i64,
+        i64,
+        String,
+        String,
+        bool,
+        Option<Vec<u8>>,
+        Option<String>,
+        bool,
+    );
+    let replicas: BTreeMap<i64, ReplicaRow> = sqlx::query_as::<_, ReplicaRow>(
+        "SELECT id, wu_id, state::text, validate_state::text, output IS NULL, output_hash,
+                error_kind, reported_at IS NOT NULL
+         FROM replicas",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap()
+    .into_iter()
+    .map(|r| (r.0, r))
+    .collect();
+    let wus: BTreeMap<i64, (String, i32, Option<i64>)> =
+        sqlx::query_as::<_, (i64, String, i32, Option<i64>)>(
+            "SELECT id, state::text, unsent, canonical_replica_id FROM work_units",
+        )
+        .fetch_all(pool)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|w| (w.0, (w.1, w.2, w.3)))
+        .collect();
+    type FindingRow = (Vec<i64>, i32, Vec<u8>, Vec<String>, bool);
+    let findings: BTreeMap<i64, FindingRow> =
+        sqlx::query_as::<_, (i64, Vec<i64>, i32, Vec<u8>, Vec<String>, bool)>(
+            "SELECT wu_id, agreeing_replicas, dissenting, output, platforms, unreplicated
+             FROM findings",
+        )
+        .fetch_all(pool)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|f| (f.0, (f.1, f.2, f.3, f.4, f.5)))
+        .collect();
+    let hash = |o: &[u8]| Some(blake3::hash(o).as_bytes().to_vec());
+    // (state, validate_state, output dropped, output hash, error kind, reported)
+    let replica = |id: u64| {
+        let r = &replicas[&(id as i64)];
+        (
+            r.2.as_str(),
+            r.3.as_str(),
+            r.4,
+            r.5.clone(),
+            r.6.as_deref(),
+            r.7,
+        )
+    };
+    let in_progress = ("in_progress", "init", true, None, None, false);
+    let mut validated = 0;
+    for (i, wu, g) in units() {
+        let (ia, ib) = (ra[&wu], rb[&wu]);
+        let unit = &wus[&(wu as i64)];
+        let unit = (unit.0.as_str(), unit.1, unit.2);
+        let kept = |o: Vec<u8>| ("success", "init", false, hash(&o), None, true);
+        let settled = |o: Vec<u8>, v| ("success", v, true, hash(&o), None, true);
+        let errored = ("error", "init", true, None, Some("trap"), true);
+        match g {
+            "validate" => {
+                assert_eq!(unit, ("validated", 0, Some(ia as i64)), "{g} {i}");
+                assert_eq!(replica(ia), settled(right(i), "valid"));
+                assert_eq!(replica(ib), settled(right(i), "valid"));
+                let f = &findings[&(wu as i64)];
+                assert_eq!(
+                    f,
+                    &(
+                        vec![ia as i64, ib as i64],
+                        0,
+                        right(i),
+                        vec!["x86_64/linux".to_string()],
+                        false
+                    )
+                );
+                validated += 1;
+            }
+            "disagree" => {
+                assert_eq!(unit, ("pending", 1, None), "{g} {i}");
+                assert_eq!(replica(ia), kept(right(i)));
+                assert_eq!(replica(ib), kept(other(i)));
+            }
+            "wait" => {
+                assert_eq!(unit, ("pending", 0, None), "{g} {i}");
+                assert_eq!(replica(ia), in_progress);
+                assert_eq!(replica(ib), kept(right(i)));
+            }
+            "error" | "error_dup" => {
+                assert_eq!(unit, ("pending", 1, None), "{g} {i}");
+                let a_side = if g == "error" {
+                    kept(right(i))
+                } else {
+                    in_progress.clone()
+                };
+                assert_eq!(replica(ia), a_side);
+                assert_eq!(replica(ib), errored);
+            }
+            "hand_back" => {
+                assert_eq!(unit, ("pending", 1, None), "{g} {i}");
+                assert_eq!(replica(ia), kept(right(i)));
+                assert_eq!(replica(ib), ("handed_back", "init", true, None, None, true));
+            }
+            "foreign" => {
+                assert_eq!(unit, ("pending", 0, None), "{g} {i}");
+                assert_eq!(replica(ia), kept(right(i)));
+                assert_eq!(replica(ib), in_progress);
+            }
+            "duplicate" | "conflict" => {
+                assert_eq!(unit, ("pending", 0, None), "{g} {i}");
+                assert_eq!(replica(ia), in_progress);
+                assert_eq!(replica(ib), kept(right(i)));
+            }
+            "late_valid" | "late_wrong" => {
+                assert_eq!(unit, ("validated", 0, Some(ia as i64)), "{g} {i}");
+                let ic = rc[&wu];
+                assert_eq!(replica(ia), settled(right(i), "valid"));
+                assert_eq!(replica(ic), settled(right(i), "valid"));
+                let b_side = if g == "late_valid" {
+                    settled(right(i), "valid")
+                } else {
+                    settled(other(i), "invalid")
+                };
+                assert_eq!(replica(ib), b_side);
+                let f = &findings[&(wu as i64)];
+                assert_eq!(
+                    f.0,
+                    vec![ia as i64, ic as i64],
+                    "the late result joins no finding"
+                );
+                validated += 1;
+            }
+            g => unreachable!("{g}"),
+        }
+    }
+    assert_eq!(findings.len(), validated);
+    assert_eq!(replicas.len(), 2 * wu_ids.len() + 5);
+    // One finding_metrics row per finding (the trigger fires for rows inserted together).
+    assert_eq!(
+        count(&app, "SELECT count(*) FROM finding_metrics").await,
+        validated as i64
+    );
+
+    // Reputation: B's earlier error halved its quota to 500; in the big batch its 44 valid
+    // results grew it to 940, then one invalid and two errors halved it three times: 117.
+    let reputation = |auth: &pb::WorkerAuth| {
+        let id = uuid::Uuid::parse_str(&auth.worker_id).unwrap();
+        async move {
+            sqlx::query_as::<_, (i64, i64, i64, i64, i64, i32)>(
+                "SELECT valid_count, invalid_count, error_count, timeout_count, consecutive_valid,
+                        daily_quota FROM workers WHERE id = $1",
+            )
+            .bind(id)
+            .fetch_one(pool)
+            .await
+            .unwrap()
+        }
+    };
+    assert_eq!(reputation(&a).await, (45, 0, 0, 0, 45, 1000));
+    assert_eq!(reputation(&b).await, (44, 1, 3, 0, 0, 117));
+    assert_eq!(reputation(&c).await, (5, 0, 0, 0, 5, 1000));
+    app.shutdown().await;
+}
+
+fn result_id(batch: &[pb::ReplicaResult]) -> u64 {
+    batch.last().unwrap().replica_id
+}

@@ -5,18 +5,18 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use accrete_proto::output::parse_metrics;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{FromRow, PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
 use crate::error::Error;
-use crate::scheduler::{self, Decision, Policy, ReplicaOutcome, ReplicaView};
+use crate::scheduler::{self, Policy};
 
 mod auth;
 mod ledger;
 mod ops;
 pub use auth::*;
+mod report;
 pub use ledger::*;
 pub use ops::Gauges;
 
@@ -311,180 +311,16 @@ pub struct Store {
     pub(crate) pool: PgPool,
 }
 
-#[derive(FromRow)]
-struct LockedWu {
-    id: i64,
-    state: WuState,
-    min_quorum: i32,
-    target_nresults: i32,
-    max_error_results: i32,
-    max_total_results: i32,
-    max_success_results: i32,
-    delay_bound_secs: i32,
-    adaptive: bool,
-    tolerance: Option<sqlx::types::Json<scheduler::Tolerance>>,
-    output_bytes: i64,
-    unsent: i32,
-    n_issued: i32,
-    study_id: i64,
-    module_hash: Vec<u8>,
-    input_hash: Vec<u8>,
-    params: Option<serde_json::Value>,
-    canonical_hash: Option<Vec<u8>>,
-    /// The finding's metrics, for comparing late results under a tolerance.
-    canonical_metrics: Option<sqlx::types::Json<accrete_proto::output::Metrics>>,
-}
-
-impl LockedWu {
-    fn policy(&self) -> Policy {
-        Policy {
-            min_quorum: self.min_quorum,
-            target_nresults: self.target_nresults,
-            max_error_results: self.max_error_results,
-            max_total_results: self.max_total_results,
-            max_success_results: self.max_success_results,
-            delay_bound_secs: self.delay_bound_secs,
-            adaptive: self.adaptive,
-        }
-    }
-}
-
-#[derive(FromRow, Clone)]
-struct ReplicaRow {
-    id: i64,
-    wu_id: i64,
-    worker_id: Uuid,
-    state: ReplicaState,
-    output_hash: Option<Vec<u8>>,
-    output: Option<Vec<u8>>,
-    error_kind: Option<String>,
-    error_message: Option<String>,
-    solo: bool,
-    platform: String,
-    /// The worker's counts now, for its estimated error rate.
-    valid_count: i64,
-    invalid_count: i64,
-    consecutive_valid: i64,
-}
-
-const LOCK_WUS: &str = "
-    SELECT w.id, w.state, w.min_quorum, w.target_nresults, w.max_error_results,
-           w.max_total_results, w.max_success_results, w.delay_bound_secs, w.adaptive,
-           w.tolerance, w.output_bytes,
-           w.unsent, w.n_issued, w.study_id, w.module_hash, w.input_hash, w.params,
-           (SELECT r.output_hash FROM replicas r WHERE r.id = w.canonical_replica_id) AS canonical_hash,
-           (SELECT f.metrics FROM findings f WHERE f.wu_id = w.id AND w.tolerance IS NOT NULL)
-               AS canonical_metrics
-    FROM work_units w WHERE w.id = ANY($1) ORDER BY w.id FOR UPDATE";
-
-const REPLICAS_OF: &str = "
-    SELECT r.id, r.wu_id, r.worker_id, r.state, r.output_hash, r.output, r.error_kind,
-           r.error_message, r.solo, r.platform, k.valid_count, k.invalid_count,
-           k.consecutive_valid
-    FROM replicas r JOIN workers k ON k.id = r.worker_id WHERE r.wu_id = ANY($1) ORDER BY r.id";
-
-/// Reputation updates, one statement per kind over `$1` (worker ids, one per result, so a
-/// worker with three results in a batch counts three). A valid result extends the streak and
-/// grows the daily quota back by `$2` up to `$3`; an invalid or error result ends the streak
-/// and halves the quota; a timeout halves the quota. Never below 1.
-const CREDIT_VALID: &str = "
-    UPDATE workers w SET valid_count = w.valid_count + c.n,
-                         consecutive_valid = w.consecutive_valid + c.n,
-                         daily_quota = LEAST(w.daily_quota + $2 * c.n, $3)
-    FROM (SELECT id, count(*)::int AS n FROM UNNEST($1::uuid[]) AS id GROUP BY id) c
-    WHERE w.id = c.id";
-const CREDIT_INVALID: &str = "
-    UPDATE workers w SET invalid_count = w.invalid_count + c.n, consecutive_valid = 0,
-                         daily_quota = GREATEST(w.daily_quota >> LEAST(c.n, 30), 1)
-    FROM (SELECT id, count(*)::int AS n FROM UNNEST($1::uuid[]) AS id GROUP BY id) c
-    WHERE w.id = c.id";
-const CREDIT_ERROR: &str = "
-    UPDATE workers w SET error_count = w.error_count + c.n, consecutive_valid = 0,
-                         daily_quota = GREATEST(w.daily_quota >> LEAST(c.n, 30), 1)
-    FROM (SELECT id, count(*)::int AS n FROM UNNEST($1::uuid[]) AS id GROUP BY id) c
-    WHERE w.id = c.id";
-/// A refused report (not the sender's replica, unknown, a second different result): counted,
-/// and it halves the daily quota like a wrong result, so probing costs the prober.
-const CREDIT_REJECTED: &str = "
-    UPDATE workers w SET rejected_reports = w.rejected_reports + c.n,
-                         daily_quota = GREATEST(w.daily_quota >> LEAST(c.n, 30), 1)
-    FROM (SELECT id, count(*)::int AS n FROM UNNEST($1::uuid[]) AS id GROUP BY id) c
-    WHERE w.id = c.id";
-const CREDIT_TIMEOUT: &str = "
-    UPDATE workers w SET timeout_count = w.timeout_count + c.n,
-                         daily_quota = GREATEST(w.daily_quota >> LEAST(c.n, 30), 1)
-    FROM (SELECT id, count(*)::int AS n FROM UNNEST($1::uuid[]) AS id GROUP BY id) c
-    WHERE w.id = c.id";
-
-/// What one result did to its worker's reputation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Credit {
-    Valid,
-    Invalid,
-    Error,
-    Timeout,
-    Rejected,
-}
-
-/// Reputation changes gathered during a transaction and applied at its end, after locking the
-/// workers' rows in id order: reports and the rescuer touch many workers, and locking them in
-/// one order (always after the work units) keeps transactions from deadlocking.
-#[derive(Default)]
-struct Credits(Vec<(Uuid, Credit)>);
-
-impl Credits {
-    fn add(&mut self, worker: Uuid, credit: Credit) {
-        self.0.push((worker, credit));
-    }
-
-    fn verdict(&mut self, worker: Uuid, verdict: ValidateState) {
-        match verdict {
-            ValidateState::Valid => self.add(worker, Credit::Valid),
-            ValidateState::Invalid => self.add(worker, Credit::Invalid),
-            ValidateState::Init | ValidateState::Inconclusive => {}
-        }
-    }
-
-    /// Valid results first, so a batch holding both ends with the streak broken.
-    async fn apply(self, tx: &mut Transaction<'static, Postgres>) -> Result<(), Error> {
-        if self.0.is_empty() {
-            return Ok(());
-        }
-        let mut ids: Vec<Uuid> = self.0.iter().map(|c| c.0).collect();
-        ids.sort_unstable();
-        ids.dedup();
-        // NO KEY UPDATE, like the updates that follow: it must not conflict with the KEY SHARE
-        // locks that foreign-key checks on replicas take on worker rows (an update of a replica
-        // row this transaction already changed re-runs its check), or two reports deadlock.
-        sqlx::query("SELECT id FROM workers WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE")
-            .bind(&ids)
-            .execute(&mut **tx)
-            .await?;
-        for (kind, sql) in [
-            (Credit::Valid, CREDIT_VALID),
-            (Credit::Invalid, CREDIT_INVALID),
-            (Credit::Error, CREDIT_ERROR),
-            (Credit::Timeout, CREDIT_TIMEOUT),
-            (Credit::Rejected, CREDIT_REJECTED),
-        ] {
-            let workers: Vec<Uuid> = self.0.iter().filter(|c| c.1 == kind).map(|c| c.0).collect();
-            if workers.is_empty() {
-                continue;
-            }
-            let mut q = sqlx::query(sql).bind(workers);
-            if kind == Credit::Valid {
-                q = q.bind(scheduler::QUOTA_STEP).bind(scheduler::QUOTA_MAX);
-            }
-            q.execute(&mut **tx).await?;
-        }
-        Ok(())
-    }
-}
-
 impl Store {
     /// Connects, and applies the embedded migrations.
     pub async fn connect(url: &str, max_connections: u32) -> Result<Store, Error> {
-        let options: PgConnectOptions = url.parse().map_err(Error::Database)?;
+        // No JIT: every statement here is short, and with a large queue the planner's cost
+        // estimate for the claim crosses `jit_above_cost`, so each claim would spend 300-600 ms
+        // compiling (JIT code is not cached across executions). See BENCHMARKS.md, "Hot path".
+        let options: PgConnectOptions = url
+            .parse::<PgConnectOptions>()
+            .map_err(Error::Database)?
+            .options([("jit", "off")]);
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(5))
@@ -632,6 +468,12 @@ impl Store {
     /// unit's `unsent` to 0 and marks the replica `solo`, so nothing else is issued unless that
     /// replica fails. A blocked or over-quota worker gets nothing; [`Store::standing`] says why.
     /// Workers excluded from a unit (the original workers of an adoption's re-run) never get it.
+    ///
+    /// Cost does not grow with the queue: the scan walks the partial index `work_units_dispatch`
+    /// (pending units that still want replicas) in id order, and each `NOT EXISTS` reads only
+    /// one unit's few replicas (through the unique index on `(wu_id, worker_id)`). `OFFSET 0` keeps those subqueries correlated probes:
+    /// without it the planner may turn them into anti-joins that read every replica ever issued
+    /// in `wu_id` order (about a second per claim with 800,000 settled replicas).
     pub async fn claim(&self, worker: Uuid, max: i64) -> Result<Vec<Claimed>, Error> {
         Ok(sqlx::query_as::<_, Claimed>(
             "WITH me AS (
@@ -648,9 +490,12 @@ impl Store {
              ), candidates AS (
                  SELECT w.id, w.adaptive, w.n_issued FROM work_units w
                  WHERE w.state = 'pending' AND w.unsent > 0
-                   AND NOT EXISTS (SELECT 1 FROM replicas r, me WHERE r.wu_id = w.id
-                                   AND (r.worker_id = $1 OR r.account = me.account))
-                   AND NOT EXISTS (SELECT 1 FROM wu_exclusions x WHERE x.wu_id = w.id AND x.worker_id = $1)
+                   AND NOT EXISTS (SELECT 1 FROM replicas r
+                                   WHERE r.wu_id = w.id
+                                     AND (r.worker_id = $1 OR r.account = (SELECT account FROM me))
+                                   OFFSET 0)
+                   AND NOT EXISTS (SELECT 1 FROM wu_exclusions x
+                                   WHERE x.wu_id = w.id AND x.worker_id = $1 OFFSET 0)
                  ORDER BY w.id
                  LIMIT 4 * (SELECT allowed FROM me)
                  FOR UPDATE SKIP LOCKED
@@ -658,7 +503,7 @@ impl Store {
                  SELECT c.id, c.adaptive AND c.n_issued = 0 AND random() >= me.spot_check AS solo
                  FROM candidates c CROSS JOIN me
                  ORDER BY EXISTS (SELECT 1 FROM replicas r
-                                  WHERE r.wu_id = c.id AND r.platform = me.platform), c.id
+                                  WHERE r.wu_id = c.id AND r.platform = me.platform OFFSET 0), c.id
                  LIMIT (SELECT allowed FROM me)
              ), taken AS (
                  UPDATE work_units w
@@ -695,126 +540,6 @@ impl Store {
         .bind(scheduler::PRIOR_RIGHT)
         .fetch_all(&self.pool)
         .await?)
-    }
-
-    /// Records a batch of results from one worker, then moves each touched work unit on. One
-    /// transaction: either every acknowledged result is durable or none is.
-    /// Every refused report, plus `refused_before` (results the service refused before they
-    /// reached the store, e.g. a forged hash), is counted against the worker in the same
-    /// transaction.
-    pub async fn report(
-        &self,
-        worker: Uuid,
-        reports: &[Report],
-        refused_before: usize,
-    ) -> Result<Vec<Ack>, Error> {
-        retry_deadlocks(|| self.report_once(worker, reports, refused_before)).await
-    }
-
-    async fn report_once(
-        &self,
-        worker: Uuid,
-        reports: &[Report],
-        refused_before: usize,
-    ) -> Result<Vec<Ack>, Error> {
-        let ids: Vec<i64> = reports.iter().map(|r| r.replica_id).collect();
-        // Which work units these replicas belong to, to lock them first (in id order, as every
-        // path does, so two transactions never wait on each other in a cycle).
-        let wu_ids: Vec<i64> =
-            sqlx::query_scalar("SELECT DISTINCT wu_id FROM replicas WHERE id = ANY($1)")
-                .bind(&ids)
-                .fetch_all(&self.pool)
-                .await?;
-        let mut tx = self.pool.begin().await?;
-        let wus = lock_wus(&mut tx, &wu_ids).await?;
-        let mut replicas: HashMap<i64, ReplicaRow> = replicas_of(&mut tx, &wu_ids)
-            .await?
-            .into_iter()
-            .map(|r| (r.id, r))
-            .collect();
-
-        let mut acks = Vec::with_capacity(reports.len());
-        let mut touched = Vec::new();
-        let mut credits = Credits::default();
-        for report in reports {
-            let ack = |status, message: &str| Ack {
-                replica_id: report.replica_id,
-                status,
-                message: message.to_string(),
-            };
-            let Some(row) = replicas.get(&report.replica_id).cloned() else {
-                acks.push(ack(AckStatus::Rejected, "unknown replica"));
-                continue;
-            };
-            if row.worker_id != worker {
-                acks.push(ack(AckStatus::Rejected, "not this worker's replica"));
-                continue;
-            }
-            let wu = &wus[&row.wu_id];
-            let recorded = record(&mut tx, wu, &row, report, &mut credits).await?;
-            if recorded.status == AckStatus::Accepted {
-                touched.push(row.wu_id);
-                // Keep the in-memory view current for a second report of the same replica.
-                if let Some(r) = replicas.get_mut(&row.id) {
-                    r.state = recorded.new_state;
-                }
-            }
-            acks.push(Ack {
-                replica_id: report.replica_id,
-                status: recorded.status,
-                message: recorded.message,
-            });
-        }
-        touched.sort_unstable();
-        touched.dedup();
-        transition(&mut tx, &wus, &touched, &mut credits).await?;
-        let rejected = acks
-            .iter()
-            .filter(|a| a.status == AckStatus::Rejected)
-            .count();
-        for _ in 0..rejected + refused_before {
-            credits.add(worker, Credit::Rejected);
-        }
-        credits.apply(&mut tx).await?;
-        tx.commit().await?;
-        Ok(acks)
-    }
-
-    /// Times out replicas past their deadline and reissues their work; returns how many.
-    pub async fn rescue_expired(&self, limit: i64) -> Result<u64, Error> {
-        retry_deadlocks(|| self.rescue_once(limit)).await
-    }
-
-    async fn rescue_once(&self, limit: i64) -> Result<u64, Error> {
-        let wu_ids: Vec<i64> = sqlx::query_scalar(
-            "SELECT DISTINCT wu_id FROM (
-                 SELECT wu_id FROM replicas WHERE state = 'in_progress' AND deadline < now()
-                 LIMIT $1) AS expired",
-        )
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
-        if wu_ids.is_empty() {
-            return Ok(0);
-        }
-        let mut tx = self.pool.begin().await?;
-        let wus = lock_wus(&mut tx, &wu_ids).await?;
-        let timed_out: Vec<Uuid> = sqlx::query_scalar(
-            "UPDATE replicas SET state = 'timed_out'
-             WHERE wu_id = ANY($1) AND state = 'in_progress' AND deadline < now()
-             RETURNING worker_id",
-        )
-        .bind(&wu_ids)
-        .fetch_all(&mut *tx)
-        .await?;
-        let mut credits = Credits::default();
-        for w in &timed_out {
-            credits.add(*w, Credit::Timeout);
-        }
-        transition(&mut tx, &wus, &wu_ids, &mut credits).await?;
-        credits.apply(&mut tx).await?;
-        tx.commit().await?;
-        Ok(timed_out.len() as u64)
     }
 
     /// Progress of one study, or of all of them (`None`).
@@ -1100,391 +825,8 @@ fn params_of(input: &[u8]) -> Option<String> {
     }
 }
 
-async fn lock_wus(
-    tx: &mut Transaction<'static, Postgres>,
-    ids: &[i64],
-) -> Result<HashMap<i64, LockedWu>, Error> {
-    Ok(sqlx::query_as::<_, LockedWu>(LOCK_WUS)
-        .bind(ids)
-        .fetch_all(&mut **tx)
-        .await?
-        .into_iter()
-        .map(|w| (w.id, w))
-        .collect())
-}
-
-async fn replicas_of(
-    tx: &mut Transaction<'static, Postgres>,
-    wu_ids: &[i64],
-) -> Result<Vec<ReplicaRow>, Error> {
-    Ok(sqlx::query_as::<_, ReplicaRow>(REPLICAS_OF)
-        .bind(wu_ids)
-        .fetch_all(&mut **tx)
-        .await?)
-}
-
-struct Recorded {
-    status: AckStatus,
-    message: String,
-    new_state: ReplicaState,
-}
-
-/// Records one report against its replica (whose work unit is locked). A repeat of what is
-/// already recorded is a duplicate; anything else after a result is refused.
-async fn record(
-    tx: &mut Transaction<'static, Postgres>,
-    wu: &LockedWu,
-    row: &ReplicaRow,
-    report: &Report,
-    credits: &mut Credits,
-) -> Result<Recorded, Error> {
-    let done = |status, message: &str| Recorded {
-        status,
-        message: message.to_string(),
-        new_state: row.state,
-    };
-    // A result that breaks the contract is recorded as the error it is, not as a success.
-    let outcome = match &report.outcome {
-        Outcome::Success { output, fuel_used } => {
-            if output.len() as i64 > wu.output_bytes {
-                Outcome::Error {
-                    kind: "output_too_large".into(),
-                    message: format!(
-                        "output of {} bytes over the cap of {}",
-                        output.len(),
-                        wu.output_bytes
-                    ),
-                    fuel_used: *fuel_used,
-                }
-            } else if let Err(e) = parse_metrics(output) {
-                Outcome::Error {
-                    kind: "bad_output".into(),
-                    message: e.to_string(),
-                    fuel_used: *fuel_used,
-                }
-            } else {
-                report.outcome.clone()
-            }
-        }
-        other => other.clone(),
-    };
-    match (row.state, &outcome) {
-        (ReplicaState::Success, Outcome::Success { output, .. }) => {
-            return Ok(
-                if row.output_hash.as_deref() == Some(blake3::hash(output).as_bytes()) {
-                    done(AckStatus::Duplicate, "already recorded")
-                } else {
-                    done(
-                        AckStatus::Rejected,
-                        "a different result was already recorded",
-                    )
-                },
-            );
-        }
-        (ReplicaState::Error, Outcome::Error { kind, .. }) => {
-            return Ok(if row.error_kind.as_deref() == Some(kind) {
-                done(AckStatus::Duplicate, "already recorded")
-            } else {
-                done(
-                    AckStatus::Rejected,
-                    "a different result was already recorded",
-                )
-            });
-        }
-        (ReplicaState::Success | ReplicaState::Error, _) => {
-            return Ok(done(
-                AckStatus::Rejected,
-                "a different result was already recorded",
-            ));
-        }
-        (ReplicaState::TimedOut | ReplicaState::HandedBack, Outcome::HandBack) => {
-            return Ok(done(AckStatus::Duplicate, "already reissued"));
-        }
-        _ => {}
-    }
-    let new_state = match &outcome {
-        Outcome::HandBack => {
-            sqlx::query("UPDATE replicas SET state = 'handed_back', reported_at = now() WHERE id = $1 AND state = 'in_progress'")
-                .bind(row.id)
-                .execute(&mut **tx)
-                .await?;
-            ReplicaState::HandedBack
-        }
-        Outcome::Success { output, fuel_used } => {
-            // Late results (after a timeout) still count: they credit or discredit the worker.
-            let hash = blake3::hash(output);
-            let within = |tol: &scheduler::Tolerance,
-                          canonical: &accrete_proto::output::Metrics| {
-                parse_metrics(output).is_ok_and(|m| scheduler::within_tolerance(tol, canonical, &m))
-            };
-            let validate_state = match (&wu.state, &wu.canonical_hash) {
-                (WuState::Validated, Some(c)) if c.as_slice() == hash.as_bytes() => {
-                    ValidateState::Valid
-                }
-                (WuState::Validated, Some(_))
-                    if wu
-                        .tolerance
-                        .as_ref()
-                        .zip(wu.canonical_metrics.as_ref())
-                        .is_some_and(|(t, c)| within(&t.0, &c.0)) =>
-                {
-                    ValidateState::Valid
-                }
-                (WuState::Validated, Some(_)) => ValidateState::Invalid,
-                _ => ValidateState::Init,
-            };
-            // Once a unit is settled only the hash is kept; the canonical output lives in the finding.
-            let keep_output = wu.state == WuState::Pending;
-            sqlx::query(
-                "UPDATE replicas SET state = 'success', output = $2, output_hash = $3, fuel_used = $4,
-                     wall_micros = $5, reported_at = now(), validate_state = $6
-                 WHERE id = $1 AND state IN ('in_progress', 'timed_out', 'handed_back')",
-            )
-            .bind(row.id)
-            .bind(keep_output.then_some(output.as_slice()))
-            .bind(&hash.as_bytes()[..])
-            .bind(fuel_used)
-            .bind(report.wall_micros)
-            .bind(validate_state)
-            .execute(&mut **tx)
-            .await?;
-            credits.verdict(row.worker_id, validate_state);
-            ReplicaState::Success
-        }
-        Outcome::Error {
-            kind,
-            message,
-            fuel_used,
-        } => {
-            sqlx::query(
-                "UPDATE replicas SET state = 'error', error_kind = $2, error_message = $3,
-                     fuel_used = $4, wall_micros = $5, reported_at = now()
-                 WHERE id = $1 AND state IN ('in_progress', 'timed_out', 'handed_back')",
-            )
-            .bind(row.id)
-            .bind(kind)
-            .bind(clean_text(message, 2000))
-            .bind(fuel_used)
-            .bind(report.wall_micros)
-            .execute(&mut **tx)
-            .await?;
-            credits.add(row.worker_id, Credit::Error);
-            ReplicaState::Error
-        }
-    };
-    Ok(Recorded {
-        status: AckStatus::Accepted,
-        message: String::new(),
-        new_state,
-    })
-}
-
 /// Text a worker sent, fit for a `text` column: at most `max` characters and no NUL, which
 /// PostgreSQL refuses (a refused value would fail the whole report, again on every retry).
 pub fn clean_text(s: &str, max: usize) -> String {
     s.chars().filter(|&c| c != '\0').take(max).collect()
-}
-
-/// Runs the transitioner on each pending work unit among `ids` (all locked by the caller) and
-/// applies its decision.
-async fn transition(
-    tx: &mut Transaction<'static, Postgres>,
-    wus: &HashMap<i64, LockedWu>,
-    ids: &[i64],
-    credits: &mut Credits,
-) -> Result<(), Error> {
-    let pending: Vec<i64> = ids
-        .iter()
-        .copied()
-        .filter(|id| wus.get(id).is_some_and(|w| w.state == WuState::Pending))
-        .collect();
-    if pending.is_empty() {
-        return Ok(());
-    }
-    let mut by_wu: HashMap<i64, Vec<ReplicaRow>> = HashMap::new();
-    for r in replicas_of(tx, &pending).await? {
-        by_wu.entry(r.wu_id).or_default().push(r);
-    }
-    for id in pending {
-        let wu = &wus[&id];
-        let rows = by_wu.remove(&id).unwrap_or_default();
-        let mut views: Vec<ReplicaView> = rows.iter().map(view).collect();
-        if let Some(tol) = &wu.tolerance {
-            compare_within(&tol.0, &rows, &mut views);
-        }
-        match scheduler::decide(&wu.policy(), wu.n_issued, wu.unsent, &views) {
-            Decision::Wait { unsent } => {
-                if unsent != wu.unsent {
-                    sqlx::query(
-                        "UPDATE work_units SET unsent = $2 WHERE id = $1 AND state = 'pending'",
-                    )
-                    .bind(id)
-                    .bind(unsent)
-                    .execute(&mut **tx)
-                    .await?;
-                }
-            }
-            Decision::Fail { reason } => {
-                sqlx::query(
-                    "UPDATE work_units SET state = 'failed', fail_reason = $2, unsent = 0, finished_at = now()
-                     WHERE id = $1 AND state = 'pending'",
-                )
-                .bind(id)
-                .bind(reason)
-                .execute(&mut **tx)
-                .await?;
-            }
-            Decision::Validate {
-                canonical,
-                valid,
-                invalid,
-            } => {
-                validate(tx, wu, &rows, canonical, &valid, &invalid, credits).await?;
-            }
-        }
-    }
-    Ok(())
-}
-
-fn view(r: &ReplicaRow) -> ReplicaView {
-    let outcome = match r.state {
-        ReplicaState::InProgress => ReplicaOutcome::InFlight,
-        ReplicaState::Success => {
-            let mut h = [0u8; 32];
-            h.copy_from_slice(r.output_hash.as_deref().unwrap_or(&[0; 32]));
-            ReplicaOutcome::Success(h)
-        }
-        ReplicaState::Error => ReplicaOutcome::Error(format!(
-            "{}: {}",
-            r.error_kind.as_deref().unwrap_or("error"),
-            r.error_message.as_deref().unwrap_or("")
-        )),
-        ReplicaState::TimedOut | ReplicaState::HandedBack => ReplicaOutcome::Lost,
-    };
-    ReplicaView {
-        id: r.id,
-        outcome,
-        // A worker that lost its trust since the claim (a spot check caught it) does not get
-        // its unchecked work validated alone: the unit goes back to replication.
-        solo: r.solo && scheduler::trusted(r.consecutive_valid, r.valid_count, r.invalid_count),
-    }
-}
-
-/// Under a study's tolerance, replaces each success's hash by that of the first earlier
-/// success it agrees with, so `decide` groups agreeing outputs as if they were equal.
-fn compare_within(tol: &scheduler::Tolerance, rows: &[ReplicaRow], views: &mut [ReplicaView]) {
-    let successes: Vec<(
-        usize,
-        scheduler::ReplicaOutcome,
-        accrete_proto::output::Metrics,
-    )> = rows
-        .iter()
-        .zip(views.iter())
-        .enumerate()
-        .filter_map(|(i, (r, v))| {
-            let metrics = parse_metrics(r.output.as_deref()?).ok()?;
-            matches!(v.outcome, ReplicaOutcome::Success(_)).then(|| (i, v.outcome.clone(), metrics))
-        })
-        .collect();
-    let metrics: Vec<_> = successes.iter().map(|s| s.2.clone()).collect();
-    for (k, rep) in scheduler::tolerance_groups(tol, &metrics)
-        .into_iter()
-        .enumerate()
-    {
-        views[successes[k].0].outcome = successes[rep].1.clone();
-    }
-}
-
-/// Settles a work unit on its canonical replica: marks verdicts, credits workers, records the
-/// one finding, and drops the replicas' copies of the output.
-async fn validate(
-    tx: &mut Transaction<'static, Postgres>,
-    wu: &LockedWu,
-    rows: &[ReplicaRow],
-    canonical: i64,
-    valid: &[i64],
-    invalid: &[i64],
-    credits: &mut Credits,
-) -> Result<(), Error> {
-    let canon = rows
-        .iter()
-        .find(|r| r.id == canonical)
-        .expect("the canonical replica is one of the unit's replicas");
-    let output = canon.output.clone().unwrap_or_default();
-    let metrics = parse_metrics(&output).map_err(|e| {
-        Error::Internal(format!(
-            "canonical output of work unit {} broke the contract: {e}",
-            wu.id
-        ))
-    })?;
-    let verdict = |ids: &[i64], state: ValidateState| {
-        sqlx::query("UPDATE replicas SET validate_state = $2 WHERE id = ANY($1)")
-            .bind(ids.to_vec())
-            .bind(state)
-    };
-    verdict(valid, ValidateState::Valid)
-        .execute(&mut **tx)
-        .await?;
-    verdict(invalid, ValidateState::Invalid)
-        .execute(&mut **tx)
-        .await?;
-    // An unreplicated result was checked against nothing: it earns its worker no credit.
-    let unreplicated = valid.len() == 1 && view(canon).solo;
-    // Confidence rests on the workers' reputations before this verdict counts.
-    let voters: Vec<scheduler::Voter> = rows
-        .iter()
-        .filter(|r| valid.contains(&r.id))
-        .map(|r| scheduler::Voter {
-            error_rate: scheduler::error_rate(r.valid_count, r.invalid_count),
-            platform: r.platform.clone(),
-        })
-        .collect();
-    let confidence = scheduler::confidence(&voters);
-    let mut platforms: Vec<String> = voters.iter().map(|v| v.platform.clone()).collect();
-    platforms.sort_unstable();
-    platforms.dedup();
-    for (ids, verdict) in [
-        (valid, ValidateState::Valid),
-        (invalid, ValidateState::Invalid),
-    ] {
-        if unreplicated && verdict == ValidateState::Valid {
-            continue;
-        }
-        for r in rows.iter().filter(|r| ids.contains(&r.id)) {
-            credits.verdict(r.worker_id, verdict);
-        }
-    }
-    sqlx::query(
-        "UPDATE work_units SET state = 'validated', canonical_replica_id = $2, unsent = 0, finished_at = now()
-         WHERE id = $1 AND state = 'pending'",
-    )
-    .bind(wu.id)
-    .bind(canonical)
-    .execute(&mut **tx)
-    .await?;
-    sqlx::query(
-        "INSERT INTO findings (wu_id, study_id, module_hash, input_hash, output_hash, output, metrics,
-             params, confidence, agreeing_replicas, dissenting, platforms, unreplicated)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
-    )
-    .bind(wu.id)
-    .bind(wu.study_id)
-    .bind(&wu.module_hash)
-    .bind(&wu.input_hash)
-    .bind(&canon.output_hash)
-    .bind(&output)
-    .bind(sqlx::types::Json(&metrics))
-    .bind(&wu.params)
-    .bind(confidence)
-    .bind(valid.to_vec())
-    .bind(invalid.len() as i32)
-    .bind(&platforms)
-    .bind(unreplicated)
-    .execute(&mut **tx)
-    .await?;
-    sqlx::query("UPDATE replicas SET output = NULL WHERE wu_id = $1 AND output IS NOT NULL")
-        .bind(wu.id)
-        .execute(&mut **tx)
-        .await?;
-    Ok(())
 }
