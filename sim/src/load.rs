@@ -69,6 +69,13 @@ pub struct Args {
     /// caps a fetch at 62 (what a response can carry with every input at its 1 MiB cap).
     #[arg(long, default_value_t = 16)]
     pub batch: u32,
+    /// Replicas per second the whole fleet offers: each worker then "computes" for
+    /// `batch * workers / rate` seconds a round (fetch, compute, report), with the fleet's rounds
+    /// spread evenly, as a fleet of real volunteers would. 0: every worker fetches again as soon
+    /// as its report is answered, which measures the most the servers can take, with latency
+    /// that is queueing by construction (1,000 callers always waiting).
+    #[arg(long, default_value_t = 0.0)]
+    pub rate: f64,
     /// Seconds measured.
     #[arg(long, default_value_t = 60.0)]
     pub duration: f64,
@@ -406,11 +413,15 @@ impl Fleet {
     /// Registers `n` workers (worker i on `urls[i % urls.len()]`, each on its own connection
     /// and volunteer account, platforms alternating x86_64/aarch64), then starts them all.
     /// With `track`, every replica handed out is logged.
+    /// With `round`, each worker starts a fetch-report round at most once per `round`, the
+    /// workers' rounds staggered evenly across it (simulated compute time); without, as fast as
+    /// the server answers.
     pub async fn start(
         urls: &[String],
         n: usize,
         batch: u32,
         track: bool,
+        round: Option<Duration>,
     ) -> anyhow::Result<Fleet> {
         anyhow::ensure!(!urls.is_empty(), "no server to talk to");
         let mut registering = Vec::with_capacity(n);
@@ -453,7 +464,11 @@ impl Fleet {
             .into_iter()
             .enumerate()
             .map(|(i, (client, auth))| {
-                tokio::spawn(work(client, auth, i, batch, track, shared.clone()))
+                let pacing = round.map(|r| Pacing {
+                    round: r,
+                    offset: r.mul_f64(i as f64 / n as f64),
+                });
+                tokio::spawn(work(client, auth, i, batch, track, pacing, shared.clone()))
             })
             .collect();
         Ok(Fleet { shared, tasks })
@@ -508,16 +523,30 @@ fn result_for(a: &pb::Assignment) -> pb::ReplicaResult {
     }
 }
 
+/// A paced worker's round length and its place in the fleet's stagger.
+#[derive(Clone, Copy)]
+struct Pacing {
+    round: Duration,
+    offset: Duration,
+}
+
 async fn work(
     mut client: WorkerServiceClient<Channel>,
     auth: pb::WorkerAuth,
     index: usize,
     batch: u32,
     track: bool,
+    pacing: Option<Pacing>,
     shared: Arc<Shared>,
 ) -> anyhow::Result<WorkerLog> {
     let mut log = WorkerLog::default();
+    let mut next_round = tokio::time::Instant::now() + pacing.map_or(Duration::ZERO, |p| p.offset);
     while !shared.stop.load(Ordering::Relaxed) {
+        if let Some(p) = pacing {
+            tokio::time::sleep_until(next_round).await;
+            // A round that overran starts the next at once, without trying to catch up.
+            next_round = (next_round + p.round).max(tokio::time::Instant::now());
+        }
         let measuring = shared.measuring.load(Ordering::Relaxed);
         let started = Instant::now();
         let fetched = client
@@ -840,6 +869,8 @@ pub struct ThroughputReport {
     pub processes: usize,
     pub batch: u32,
     pub db_connections: u32,
+    /// Replicas/s the fleet offered (`--rate`); 0: as fast as answered.
+    pub offered_rate: f64,
     pub submitted: Option<Submitted>,
     pub secs: f64,
     pub replicas_per_sec: f64,
@@ -898,7 +929,9 @@ async fn measure(
         "submitted {wus} work units in {:.1} s; registering {} workers",
         submitted.secs, args.workers
     );
-    let fleet = Fleet::start(urls, args.workers, args.batch, false).await?;
+    let round = (args.rate > 0.0)
+        .then(|| Duration::from_secs_f64(f64::from(args.batch) * args.workers as f64 / args.rate));
+    let fleet = Fleet::start(urls, args.workers, args.batch, false, round).await?;
     tokio::time::sleep(Duration::from_secs_f64(args.warmup)).await;
 
     let snapshot = async || -> anyhow::Result<Snapshot> {
@@ -954,6 +987,7 @@ async fn measure(
     };
     Ok(ThroughputReport {
         workers: args.workers,
+        offered_rate: args.rate,
         processes: urls.len(),
         batch: args.batch,
         db_connections: args.db_connections,
@@ -1002,8 +1036,16 @@ impl ThroughputReport {
     pub fn text(&self) -> String {
         let mut s = format!(
             "accrete-load: {} workers, {} server process(es) x {} db connections, batch {}, \
-             min_quorum 2\n",
-            self.workers, self.processes, self.db_connections, self.batch
+             min_quorum 2, offered {}\n",
+            self.workers,
+            self.processes,
+            self.db_connections,
+            self.batch,
+            if self.offered_rate > 0.0 {
+                format!("{:.0} replicas/s (paced workers)", self.offered_rate)
+            } else {
+                "as fast as answered (closed loop)".to_string()
+            }
         );
         if let Some(sub) = &self.submitted {
             s += &format!(
@@ -1124,7 +1166,7 @@ impl ThroughputReport {
     pub fn to_json(&self) -> serde_json::Value {
         json!({
             "mode": "throughput",
-            "workers": self.workers, "processes": self.processes, "batch": self.batch,
+            "workers": self.workers, "offered_rate": self.offered_rate, "processes": self.processes, "batch": self.batch,
             "db_connections_per_process": self.db_connections,
             "submitted_work_units": self.submitted.as_ref().map(|s| s.work_units),
             "submit_secs": self.submitted.as_ref().map(|s| s.secs),
@@ -1391,7 +1433,7 @@ pub struct SubmitReport {
 }
 
 async fn probe(args: &Args, urls: &[String], pids: &[u32], queued: usize) -> anyhow::Result<Probe> {
-    let fleet = Fleet::start(urls, args.probe_workers, args.batch, false).await?;
+    let fleet = Fleet::start(urls, args.probe_workers, args.batch, false, None).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let before = fleet.completed();
     fleet.measure(true);

@@ -260,8 +260,8 @@ async fn a_burst_over_the_rate_limit_is_refused_and_the_server_keeps_serving() {
     );
 
     // Research calls without credentials count against the peer address: a burst of 20 gets
-    // RESOURCE_EXHAUSTED for most of it.
-    let mut client = app.client().await;
+    // RESOURCE_EXHAUSTED for most of it (the rest reach the handler, which wants a key).
+    let mut client = app.client_with(None).await;
     let mut exhausted = 0;
     for _ in 0..20 {
         match client
@@ -269,12 +269,12 @@ async fn a_burst_over_the_rate_limit_is_refused_and_the_server_keeps_serving() {
             .get_status(pb::GetStatusRequest { study_id: 0 })
             .await
         {
-            Ok(_) => {}
+            Err(s) if s.code() == Code::Unauthenticated => {}
             Err(s) if s.code() == Code::ResourceExhausted => {
                 assert!(s.message().contains("rate limit"), "{}", s.message());
                 exhausted += 1;
             }
-            Err(s) => panic!("unexpected {s:?}"),
+            other => panic!("unexpected {other:?}"),
         }
     }
     assert!(exhausted >= 14, "only {exhausted} of 20 refused");
@@ -308,13 +308,16 @@ async fn a_burst_over_the_rate_limit_is_refused_and_the_server_keeps_serving() {
     );
     assert_eq!(worker_codes[7], Code::ResourceExhausted, "{worker_codes:?}");
 
-    // The budget refills: the server keeps serving.
+    // The budget refills: the server keeps serving (the address's call reaches the handler,
+    // which asks for a key, instead of being refused by the rate limit).
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    client
-        .research
-        .get_status(pb::GetStatusRequest { study_id: 0 })
-        .await
-        .expect("served again after the burst");
+    let code = code_of(
+        client
+            .research
+            .get_status(pb::GetStatusRequest { study_id: 0 })
+            .await,
+    );
+    assert_eq!(code, Code::Unauthenticated, "served again after the burst");
     app.shutdown().await;
 }
 
@@ -887,7 +890,9 @@ async fn sigterm_drains_in_flight_calls_and_exits_within_the_shutdown_timeout() 
         &dir.join("server.log"),
     );
     wait_up(&url).await;
-    let client = Client::connect(&url).await.unwrap();
+    let client = Client::connect_with(&url, &Default::default(), Some(&app.api_key))
+        .await
+        .unwrap();
 
     // A call in flight (blocked on a lock), and a stream that never ends by itself.
     let lock = lock_studies(&app).await;
@@ -1011,7 +1016,13 @@ async fn settings_come_from_flags_then_environment_then_file_and_plaintext_is_ex
     // The flag's 30 s timeout (not the environment's 2 s nor the file's 1 s): a call blocked for
     // 2.5 s still succeeds.
     let lock = lock_studies(&app).await;
-    let mut c = Client::connect(&format!("http://{grpc}")).await.unwrap();
+    let mut c = Client::connect_with(
+        &format!("http://{grpc}"),
+        &Default::default(),
+        Some(&app.api_key),
+    )
+    .await
+    .unwrap();
     let call = tokio::spawn(async move {
         code_of(
             c.research

@@ -45,7 +45,9 @@ async fn three_server_processes_on_one_database_hand_out_each_replica_once() {
         .unwrap()
         .study_ids[0];
     // Worker i talks to server i mod 3; small batches, so claims interleave a lot.
-    let fleet = Fleet::start(&servers.urls, WORKERS, 4, true).await.unwrap();
+    let fleet = Fleet::start(&servers.urls, WORKERS, 4, true, None)
+        .await
+        .unwrap();
     eventually(TIMEOUT, "every work unit settled", || async {
         scalar(
             &store,
@@ -128,7 +130,9 @@ async fn three_server_processes_on_one_database_hand_out_each_replica_once() {
     );
 
     // One ledger, one entry per finding, verified through a server other than the submitter.
-    let mut c = Client::connect(&servers.urls[2]).await.unwrap();
+    let mut c = Client::connect_with(&servers.urls[2], &Default::default(), Some(&key))
+        .await
+        .unwrap();
     match verify_remote(&mut c).await.unwrap() {
         Verdict::Intact { len, .. } => assert_eq!(len, WUS as u64),
         broken => panic!("the ledger must verify: {broken:?}"),

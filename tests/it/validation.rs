@@ -466,6 +466,7 @@ async fn a_large_mixed_report_batch_leaves_exactly_the_expected_rows() {
     let got: Vec<(pb::ReportStatus, u64)> =
         acks.iter().map(|k| (k.status(), k.replica_id)).collect();
     assert_eq!(got, expected);
+    let refused = expected.iter().filter(|e| e.0 == Rejected).count() as u32;
 
     // The rows, exactly.
     let pool = app.store.pool();
@@ -618,7 +619,8 @@ async fn a_large_mixed_report_batch_leaves_exactly_the_expected_rows() {
     );
 
     // Reputation: B's earlier error halved its quota to 500; in the big batch its 44 valid
-    // results grew it to 940, then one invalid and two errors halved it three times: 117.
+    // results grew it to 940, then one invalid and two errors halved it three times (117), and
+    // each refused report (foreign, conflicting, unknown) halves it again, never below 1.
     let reputation = |auth: &pb::WorkerAuth| {
         let id = uuid::Uuid::parse_str(&auth.worker_id).unwrap();
         async move {
@@ -633,7 +635,17 @@ async fn a_large_mixed_report_batch_leaves_exactly_the_expected_rows() {
         }
     };
     assert_eq!(reputation(&a).await, (45, 0, 0, 0, 45, 1000));
-    assert_eq!(reputation(&b).await, (44, 1, 3, 0, 0, 117));
+    assert_eq!(
+        reputation(&b).await,
+        (44, 1, 3, 0, 0, (117 >> refused.min(30)).max(1))
+    );
+    let rejected_reports: i64 =
+        sqlx::query_scalar("SELECT rejected_reports FROM workers WHERE id = $1")
+            .bind(uuid::Uuid::parse_str(&b.worker_id).unwrap())
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    assert_eq!(rejected_reports, i64::from(refused));
     assert_eq!(reputation(&c).await, (5, 0, 0, 0, 5, 1000));
     app.shutdown().await;
 }
