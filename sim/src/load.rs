@@ -107,6 +107,10 @@ pub struct Args {
     /// Submit mode: workers that probe fetch latency, before and after the big submission.
     #[arg(long, default_value_t = 50)]
     pub probe_workers: usize,
+    /// Submit mode: replicas/s the probe's workers offer (paced, as with --rate), the same for
+    /// both queues so that their latencies compare.
+    #[arg(long, default_value_t = 1000.0)]
+    pub probe_rate: f64,
     /// Submit mode: seconds each probe measures.
     #[arg(long, default_value_t = 10.0)]
     pub probe_secs: f64,
@@ -288,9 +292,11 @@ impl ServerProcesses {
             let addr = format!("127.0.0.1:{port}");
             let child = Command::new(bin)
                 .args(["--database-url", db_url, "--listen", &addr, "--plaintext"])
-                // Every simulated worker registers from 127.0.0.1; a real fleet has an address
-                // per volunteer, so the per-address registration limit is off here.
-                .args(["--register-per-min", "0"])
+                // Every simulated worker calls from 127.0.0.1 (and registers before it has a
+                // credential, so Register is keyed by address); a real fleet has an address per
+                // volunteer, so the per-address registration and call rates are off here. The
+                // concurrency limit, timeouts and size caps stay as deployed.
+                .args(["--register-per-min", "0", "--rate-per-sec", "0"])
                 .args(["--db-connections", &db_connections.to_string()])
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
@@ -432,20 +438,31 @@ impl Fleet {
                 let mut client = WorkerServiceClient::new(channel)
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)
                     .max_encoding_message_size(MAX_MESSAGE_BYTES);
-                let reg = client
-                    .register(pb::RegisterRequest {
-                        platform: Some(pb::Platform {
-                            arch: ["x86_64", "aarch64"][i % 2].into(),
-                            os: "linux".into(),
-                            cores: 1,
-                            memory_bytes: 1 << 30,
-                            runtime: "accrete-load".into(),
-                        }),
-                        name: format!("load-{i}"),
-                        account: format!("load-account-{i}"),
-                    })
-                    .await?
-                    .into_inner();
+                let request = pb::RegisterRequest {
+                    platform: Some(pb::Platform {
+                        arch: ["x86_64", "aarch64"][i % 2].into(),
+                        os: "linux".into(),
+                        cores: 1,
+                        memory_bytes: 1 << 30,
+                        runtime: "accrete-load".into(),
+                    }),
+                    name: format!("load-{i}"),
+                    account: format!("load-account-{i}"),
+                };
+                // A whole fleet registering at once is shed past the server's concurrency
+                // limit; like real workers, try again after a pause that grows.
+                let mut attempt = 0u64;
+                let reg = loop {
+                    match client.register(request.clone()).await {
+                        Ok(r) => break r.into_inner(),
+                        Err(s) if s.code() == tonic::Code::Unavailable && attempt < 20 => {
+                            attempt += 1;
+                            let ms = 50 * attempt + (i as u64 * 7919) % 100;
+                            tokio::time::sleep(Duration::from_millis(ms)).await;
+                        }
+                        Err(s) => return Err(s.into()),
+                    }
+                };
                 anyhow::Ok((
                     client,
                     pb::WorkerAuth {
@@ -1433,7 +1450,10 @@ pub struct SubmitReport {
 }
 
 async fn probe(args: &Args, urls: &[String], pids: &[u32], queued: usize) -> anyhow::Result<Probe> {
-    let fleet = Fleet::start(urls, args.probe_workers, args.batch, false, None).await?;
+    let round = (args.probe_rate > 0.0).then(|| {
+        Duration::from_secs_f64(f64::from(args.batch) * args.probe_workers as f64 / args.probe_rate)
+    });
+    let fleet = Fleet::start(urls, args.probe_workers, args.batch, false, round).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let before = fleet.completed();
     fleet.measure(true);

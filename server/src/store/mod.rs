@@ -317,10 +317,19 @@ impl Store {
         // No JIT: every statement here is short, and with a large queue the planner's cost
         // estimate for the claim crosses `jit_above_cost`, so each claim would spend 300-600 ms
         // compiling (JIT code is not cached across executions). See BENCHMARKS.md, "Hot path".
+        // Custom plans always: sqlx prepares each statement once per connection, and after five
+        // runs PostgreSQL may switch to a generic plan costed on the statistics of that moment.
+        // A connection opened while `replicas` was nearly empty then keeps a sequential scan of
+        // it for the report's `wu_id = ANY(..)` read as the table grows to millions of rows.
         let options: PgConnectOptions = url
             .parse::<PgConnectOptions>()
             .map_err(Error::Database)?
-            .options([("jit", "off")]);
+            // Nor parallel workers: they cost more to start than these statements take.
+            .options([
+                ("jit", "off"),
+                ("plan_cache_mode", "force_custom_plan"),
+                ("max_parallel_workers_per_gather", "0"),
+            ]);
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(5))
