@@ -33,7 +33,7 @@ impl ClientTls {
 /// `http://` URL is refused: it almost certainly means the operator meant TLS.
 pub fn endpoint(url: &str, tls: &ClientTls) -> anyhow::Result<Endpoint> {
     let endpoint = Endpoint::from_shared(url.to_string())
-        .with_context(|| format!("bad server URL {url:?}"))?;
+        .with_context(|| format!("invalid server URL {url:?}"))?;
     match endpoint.uri().scheme_str() {
         Some("https") => {
             let config = match &tls.ca_pem {
