@@ -10,7 +10,7 @@ use accrete_tests::{TestApp, eventually, v1 as pb};
 use tonic::Code;
 use uuid::Uuid;
 
-use crate::{TIMEOUT, bounds, policy};
+use crate::{TIMEOUT, bounds, policy, success};
 
 const MODULE: &[u8] = accrete_tasks::TINY_MODEL;
 const OUTPUT: &[u8] = br#"{"metrics":{"x":1}}"#;
@@ -29,18 +29,6 @@ fn code<T: std::fmt::Debug>(r: Result<T, tonic::Status>) -> Code {
     match r {
         Ok(_) => Code::Ok,
         Err(s) => s.code(),
-    }
-}
-
-fn success(replica_id: u64, output: &[u8]) -> pb::ReplicaResult {
-    pb::ReplicaResult {
-        replica_id,
-        outcome: Some(pb::replica_result::Outcome::Success(pb::Success {
-            output: output.to_vec(),
-            output_hash: blake3::hash(output).as_bytes().to_vec(),
-            fuel_used: 1,
-        })),
-        wall_micros: 1,
     }
 }
 

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::{BINS, TIMEOUT, bounds, count, policy, tiny_model_inputs};
+use crate::{BINS, TIMEOUT, bounds, count, policy, success, tiny_model_inputs};
 use accrete_server::devdb::DevDb;
 use accrete_server::ledger::Verdict;
 use accrete_tests::{TestApp, eventually, v1 as pb};
@@ -299,18 +299,6 @@ async fn relay(client: TcpStream, server: TcpStream, hold: Arc<AtomicBool>) {
     tokio::select! {
         _ = up => {}
         _ = down => {}
-    }
-}
-
-fn success(replica_id: u64, output: &[u8]) -> pb::ReplicaResult {
-    pb::ReplicaResult {
-        replica_id,
-        outcome: Some(pb::replica_result::Outcome::Success(pb::Success {
-            output: output.to_vec(),
-            output_hash: blake3::hash(output).as_bytes().to_vec(),
-            fuel_used: 1,
-        })),
-        wall_micros: 1,
     }
 }
 

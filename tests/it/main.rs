@@ -27,6 +27,19 @@ pub const BINS: Binaries = Binaries {
 /// Generous for a 2-core CI machine running tests in parallel.
 pub const TIMEOUT: Duration = Duration::from_secs(180);
 
+/// An honest worker's successful result: the output and its true hash.
+pub fn success(replica_id: u64, output: &[u8]) -> pb::ReplicaResult {
+    pb::ReplicaResult {
+        replica_id,
+        outcome: Some(pb::replica_result::Outcome::Success(pb::Success {
+            output: output.to_vec(),
+            output_hash: blake3::hash(output).as_bytes().to_vec(),
+            fuel_used: 1,
+        })),
+        wall_micros: 1,
+    }
+}
+
 pub fn policy(min_quorum: u32) -> pb::ReplicationPolicy {
     pb::ReplicationPolicy {
         min_quorum,

@@ -5,7 +5,7 @@
 use accrete_tests::{TestApp, v1 as pb};
 use uuid::Uuid;
 
-use crate::{bounds, count, policy};
+use crate::{bounds, count, policy, success};
 
 /// Any module will do: these tests play the workers by hand and never run it.
 const MODULE: &[u8] = accrete_tasks::TINY_MODEL;
@@ -31,18 +31,6 @@ async fn fetch(
         })
         .await
         .map(|r| r.into_inner().assignments)
-}
-
-fn success(replica_id: u64, output: &[u8]) -> pb::ReplicaResult {
-    pb::ReplicaResult {
-        replica_id,
-        outcome: Some(pb::replica_result::Outcome::Success(pb::Success {
-            output: output.to_vec(),
-            output_hash: blake3::hash(output).as_bytes().to_vec(),
-            fuel_used: 1,
-        })),
-        wall_micros: 1,
-    }
 }
 
 fn failure(replica_id: u64) -> pb::ReplicaResult {
