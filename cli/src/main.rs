@@ -185,7 +185,7 @@ enum Command {
         #[command(subcommand)]
         action: LedgerCommand,
     },
-    /// Operator commands (an admin key): API keys and worker blocks.
+    /// Operator commands (an admin key): API keys, worker blocks, account quotas.
     Admin {
         #[command(subcommand)]
         action: AdminCommand,
@@ -203,6 +203,9 @@ enum AdminCommand {
     BlockWorker { worker_id: String },
     /// Lifts a block.
     UnblockWorker { worker_id: String },
+    /// Sets a volunteer account's daily quota: replicas per UTC day for all its workers
+    /// together (0 stops the account's work; each worker keeps its own quota as well).
+    AccountQuota { account: String, daily_quota: u32 },
 }
 
 #[derive(Subcommand, Debug)]
@@ -675,6 +678,23 @@ async fn run_admin(mut c: Client, json: bool, action: AdminCommand) -> anyhow::R
         }
         AdminCommand::BlockWorker { worker_id } => block(&mut c, json, worker_id, true).await?,
         AdminCommand::UnblockWorker { worker_id } => block(&mut c, json, worker_id, false).await?,
+        AdminCommand::AccountQuota {
+            account,
+            daily_quota,
+        } => {
+            c.admin
+                .set_account_quota(pb::SetAccountQuotaRequest {
+                    account: account.clone(),
+                    daily_quota,
+                })
+                .await
+                .map_err(status_error)?;
+            print_out(
+                json,
+                serde_json::json!({ "account": account, "daily_quota": daily_quota }),
+                || format!("account {account:?}: daily quota {daily_quota}"),
+            );
+        }
     }
     Ok(())
 }

@@ -1,4 +1,5 @@
-//! The admin service: API keys (create, list, revoke) and worker blocks, for `admin` keys.
+//! The admin service: API keys (create, list, revoke), worker blocks and volunteer account
+//! quotas, for `admin` keys.
 //! `accrete-server keys ...` does the key part straight on the database, for the first key.
 
 use accrete_proto::v1::{self as pb, admin_service_server::AdminService};
@@ -112,6 +113,25 @@ impl AdminService for Api {
         self.auth.forget_worker(worker);
         tracing::info!(%worker, blocked = r.blocked, by = caller.key_id, "worker block changed");
         Ok(Response::new(pb::SetWorkerBlockedResponse {}))
+    }
+
+    async fn set_account_quota(
+        &self,
+        request: Request<pb::SetAccountQuotaRequest>,
+    ) -> Result<Response<pb::SetAccountQuotaResponse>, Status> {
+        let caller = self
+            .caller(&request, Role::Admin, "SetAccountQuota")
+            .await?;
+        let r = request.into_inner();
+        let quota = i32::try_from(r.daily_quota).map_err(|_| {
+            Error::InvalidArgument(format!("daily quota {} is too large", r.daily_quota))
+        })?;
+        if !self.store.set_account_quota(&r.account, quota).await? {
+            return Err(Error::NotFound(format!("no account {:?}", r.account)).into());
+        }
+        tracing::info!(account = %r.account, daily_quota = quota, by = caller.key_id,
+                       "account quota changed");
+        Ok(Response::new(pb::SetAccountQuotaResponse {}))
     }
 }
 

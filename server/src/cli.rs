@@ -86,6 +86,11 @@ struct Args {
     /// capped by it times the report batch).
     #[arg(long, env = "ACCRETE_MAX_OUTPUT_BYTES", default_value_t = Limits::default().max_output_bytes)]
     max_output_bytes: u64,
+    /// Daily quota of a volunteer account made from now on: replicas per UTC day for all its
+    /// workers together (each worker also has its own, which starts at 1,000). `accrete admin
+    /// account-quota` changes one account's.
+    #[arg(long, env = "ACCRETE_ACCOUNT_DAILY_QUOTA", default_value_t = Limits::default().account_daily_quota)]
+    account_daily_quota: u32,
     /// Largest message of every other call, in bytes.
     #[arg(long, env = "ACCRETE_MAX_MESSAGE_BYTES", default_value_t = Limits::default().small_message_bytes)]
     max_message_bytes: usize,
@@ -97,8 +102,8 @@ struct Args {
     /// Calls a credential may make in a burst above --rate-per-sec.
     #[arg(long, env = "ACCRETE_RATE_BURST", default_value_t = 100)]
     rate_burst: u32,
-    /// Register calls per minute per peer IP address (registration needs no credential);
-    /// 0: no limit.
+    /// Register and CreateAccount calls per minute per peer IP address (neither needs a
+    /// credential); 0: no limit.
     #[arg(long, env = "ACCRETE_REGISTER_PER_MIN", default_value_t = 60)]
     register_per_min: u32,
     /// Calls in flight at once; more are refused at once with UNAVAILABLE (load shedding)
@@ -178,6 +183,7 @@ async fn serve(args: Args, database_url: String) -> anyhow::Result<()> {
             max_input_bytes: args.max_input_bytes,
             max_output_bytes: args.max_output_bytes,
             small_message_bytes: args.max_message_bytes,
+            account_daily_quota: args.account_daily_quota,
             ..Default::default()
         },
         rescue_interval: Duration::from_secs_f64(args.rescue_interval_secs.max(0.05)),

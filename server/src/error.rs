@@ -13,7 +13,10 @@ pub enum Error {
     Unauthenticated(String),
     #[error("{0}")]
     FailedPrecondition(String),
-    /// A worker over its daily quota: it should come back later.
+    /// A name that is taken (a volunteer account's).
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// A worker (or its account) over its daily quota: it should come back later.
     #[error("{0}")]
     ResourceExhausted(String),
     /// A blocked worker.
@@ -45,6 +48,7 @@ impl From<Error> for Status {
             Error::NotFound(m) => Status::not_found(m.clone()),
             Error::Unauthenticated(m) => Status::unauthenticated(m.clone()),
             Error::FailedPrecondition(m) => Status::failed_precondition(m.clone()),
+            Error::AlreadyExists(m) => Status::already_exists(m.clone()),
             Error::ResourceExhausted(m) => Status::resource_exhausted(m.clone()),
             Error::PermissionDenied(m) => Status::permission_denied(m.clone()),
             // Data exceptions and constraint violations: the request carried something the

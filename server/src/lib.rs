@@ -72,6 +72,9 @@ pub struct Limits {
     /// Largest message of any call other than PutModule, SubmitStudy and ReportResults (whose
     /// caps follow from the module, input and output caps).
     pub small_message_bytes: usize,
+    /// Daily quota of a new volunteer account: replicas per UTC day for all its workers
+    /// together (each worker also has its own).
+    pub account_daily_quota: u32,
 }
 
 impl Default for Limits {
@@ -92,6 +95,7 @@ impl Default for Limits {
             default_wall_ms: 60_000,
             max_wall_ms: 3_600_000,
             small_message_bytes: 1 << 20,
+            account_daily_quota: 10_000,
         }
     }
 }

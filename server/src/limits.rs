@@ -47,7 +47,8 @@ pub struct CallLimits {
     pub rate_per_sec: Option<NonZeroU32>,
     /// Calls a credential may make at once above its sustained rate.
     pub rate_burst: Option<NonZeroU32>,
-    /// `Register` calls per minute per peer IP (it needs no credential).
+    /// `Register` and `CreateAccount` calls per minute per peer IP (neither needs a credential),
+    /// counted together.
     pub register_per_min: Option<NonZeroU32>,
     /// Calls in flight at once, server-wide; more are shed at once with `UNAVAILABLE`.
     pub max_concurrent: Option<usize>,
@@ -234,7 +235,8 @@ where
 {
     let exempt = path.starts_with("/grpc.health.") || path.starts_with("/grpc.reflection.");
     if !exempt
-        && path == "/accrete.v1.WorkerService/Register"
+        && (path == "/accrete.v1.WorkerService/Register"
+            || path == "/accrete.v1.WorkerService/CreateAccount")
         && let (Some(limiter), Some(ip)) = (&shared.register, peer)
         && limiter.check_key(&ip).is_err()
     {
@@ -386,6 +388,7 @@ fn credential_key(
     }
     if path.starts_with("/accrete.v1.WorkerService/")
         && path != "/accrete.v1.WorkerService/Register"
+        && path != "/accrete.v1.WorkerService/CreateAccount"
         && let Some(id) = leading_worker_id(head)
     {
         return format!("worker:{id}");

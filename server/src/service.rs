@@ -16,10 +16,12 @@ use accrete_proto::v1::{
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
-use crate::auth::{Authenticator, Caller, Role};
+use crate::auth::{self, Authenticator, Caller, Role};
 use crate::error::Error;
 use crate::scheduler::{self, Policy};
-use crate::store::{self, AckStatus, Bounds, FindingQuery, NewStudy, NewWorker, Outcome, Store};
+use crate::store::{
+    self, AckStatus, Bounds, FindingQuery, NewStudy, NewWorker, Outcome, Standing, Store,
+};
 use crate::{Limits, module_check};
 
 /// State shared by the services.
@@ -85,6 +87,14 @@ fn hash32(bytes: &[u8], what: &str) -> Result<[u8; 32], Error> {
         .map_err(|_| Error::InvalidArgument(format!("{what} must be a 32-byte BLAKE3 hash")))
 }
 
+/// Account names appear in logs, listings and SQL views: keep them short and plain.
+fn valid_account_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
 fn id_of(v: u64, what: &str) -> Result<i64, Error> {
     i64::try_from(v).map_err(|_| Error::InvalidArgument(format!("{what} out of range")))
 }
@@ -101,6 +111,23 @@ impl WorkerService for Api {
         if p.arch.is_empty() || p.os.is_empty() {
             return Err(Error::InvalidArgument("platform arch and os are required".into()).into());
         }
+        // An account is joined by its key, never by its name: a name alone would let anybody
+        // spend another volunteer's quota.
+        let account = match r.account_key.trim() {
+            "" => None,
+            key => Some(
+                self.store
+                    .account_by_key_hash(&auth::key_hash(key))
+                    .await?
+                    .ok_or_else(|| {
+                        Error::Unauthenticated(
+                            "unknown account key; CreateAccount (accrete-worker \
+                             --create-account NAME) makes an account and prints its key"
+                                .into(),
+                        )
+                    })?,
+            ),
+        };
         let id = Uuid::new_v4();
         let token = format!("{}{}", Uuid::new_v4().simple(), Uuid::new_v4().simple());
         self.store
@@ -113,13 +140,49 @@ impl WorkerService for Api {
                 cores: p.cores.min(1 << 20) as i32,
                 memory_bytes: p.memory_bytes.min(i64::MAX as u64) as i64,
                 runtime: clip(&p.runtime),
-                account: (!r.account.trim().is_empty()).then(|| clip(r.account.trim())),
+                account: account.clone(),
             })
             .await?;
-        tracing::info!(worker = %id, arch = %p.arch, os = %p.os, cores = p.cores, "worker registered");
+        tracing::info!(worker = %id, arch = %p.arch, os = %p.os, cores = p.cores,
+                       account = account.as_deref().unwrap_or(""), "worker registered");
         Ok(Response::new(pb::RegisterResponse {
             worker_id: id.to_string(),
             token,
+            account: account.unwrap_or_default(),
+        }))
+    }
+
+    async fn create_account(
+        &self,
+        request: Request<pb::CreateAccountRequest>,
+    ) -> Result<Response<pb::CreateAccountResponse>, Status> {
+        let name = request.into_inner().name;
+        if !valid_account_name(&name) {
+            return Err(Error::InvalidArgument(format!(
+                "account name {:?}: 1 to 64 letters, digits, '-', '_' or '.'",
+                store::clean_text(&name, 80)
+            ))
+            .into());
+        }
+        let key = auth::new_key();
+        let daily_quota = self.limits.account_daily_quota.min(i32::MAX as u32);
+        if !self
+            .store
+            .create_account(
+                &name,
+                &auth::key_prefix(&key),
+                &auth::key_hash(&key),
+                daily_quota as i32,
+            )
+            .await?
+        {
+            return Err(Error::AlreadyExists(format!("account {name:?} already exists")).into());
+        }
+        tracing::info!(account = %name, daily_quota, "volunteer account created");
+        Ok(Response::new(pb::CreateAccountResponse {
+            name,
+            account_key: key,
+            daily_quota,
         }))
     }
 
@@ -150,6 +213,20 @@ impl WorkerService for Api {
                     return Err(Error::PermissionDenied(
                         "this worker is blocked by the operator".into(),
                     )
+                    .into());
+                }
+                Some(Standing {
+                    account: Some(account),
+                    account_quota_left: Some(0),
+                    account_daily_quota: Some(quota),
+                    resets_at,
+                    resets_unix,
+                    ..
+                }) => {
+                    return Err(Error::ResourceExhausted(format!(
+                        "the daily quota of {quota} replicas of account {account:?}, shared by \
+                         all its workers, is used; it resets at {resets_at} (unix {resets_unix})"
+                    ))
                     .into());
                 }
                 Some(s) if s.quota_left == 0 => {

@@ -163,6 +163,13 @@ async fn worker(
     counters: Arc<Counters>,
 ) -> anyhow::Result<()> {
     let mut client = WorkerServiceClient::new(channel);
+    let account_key = client
+        .create_account(pb::CreateAccountRequest {
+            name: format!("account-{index}"),
+        })
+        .await?
+        .into_inner()
+        .account_key;
     let arch = ["x86_64", "aarch64", "riscv64", "s390x"][index % args.platforms.clamp(1, 4)];
     let reg = client
         .register(pb::RegisterRequest {
@@ -174,7 +181,7 @@ async fn worker(
                 runtime: "accrete-sim".into(),
             }),
             name: format!("sim-{index}"),
-            account: format!("account-{index}"),
+            account_key,
         })
         .await?
         .into_inner();

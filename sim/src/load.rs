@@ -435,9 +435,20 @@ impl Fleet {
             let url = urls[i % urls.len()].clone();
             registering.push(tokio::spawn(async move {
                 let channel = Channel::from_shared(url)?.connect().await?;
-                let mut client = WorkerServiceClient::new(channel)
+                let client = WorkerServiceClient::new(channel)
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)
                     .max_encoding_message_size(MAX_MESSAGE_BYTES);
+                let account_key = retry_shed(i, || {
+                    let mut client = client.clone();
+                    let name = format!("load-account-{i}");
+                    async move {
+                        client
+                            .create_account(pb::CreateAccountRequest { name })
+                            .await
+                    }
+                })
+                .await?
+                .account_key;
                 let request = pb::RegisterRequest {
                     platform: Some(pb::Platform {
                         arch: ["x86_64", "aarch64"][i % 2].into(),
@@ -447,22 +458,13 @@ impl Fleet {
                         runtime: "accrete-load".into(),
                     }),
                     name: format!("load-{i}"),
-                    account: format!("load-account-{i}"),
+                    account_key,
                 };
-                // A whole fleet registering at once is shed past the server's concurrency
-                // limit; like real workers, try again after a pause that grows.
-                let mut attempt = 0u64;
-                let reg = loop {
-                    match client.register(request.clone()).await {
-                        Ok(r) => break r.into_inner(),
-                        Err(s) if s.code() == tonic::Code::Unavailable && attempt < 20 => {
-                            attempt += 1;
-                            let ms = 50 * attempt + (i as u64 * 7919) % 100;
-                            tokio::time::sleep(Duration::from_millis(ms)).await;
-                        }
-                        Err(s) => return Err(s.into()),
-                    }
-                };
+                let reg = retry_shed(i, || {
+                    let (mut client, request) = (client.clone(), request.clone());
+                    async move { client.register(request).await }
+                })
+                .await?;
                 anyhow::Ok((
                     client,
                     pb::WorkerAuth {
@@ -519,6 +521,27 @@ impl Fleet {
         log.rejected = s.rejected.load(Ordering::Relaxed);
         log.errors = std::mem::take(&mut *s.errors.lock().unwrap());
         Ok(log)
+    }
+}
+
+/// Calls `call` until the server takes it: a whole fleet registering at once is shed past the
+/// server's concurrency limit, and like real workers these try again after a pause that grows.
+async fn retry_shed<T, F, Fut>(i: usize, mut call: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let mut attempt = 0u64;
+    loop {
+        match call().await {
+            Ok(r) => return Ok(r.into_inner()),
+            Err(s) if s.code() == tonic::Code::Unavailable && attempt < 20 => {
+                attempt += 1;
+                let ms = 50 * attempt + (i as u64 * 7919) % 100;
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+            }
+            Err(s) => return Err(s.into()),
+        }
     }
 }
 

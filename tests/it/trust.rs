@@ -1,5 +1,6 @@
-//! The trust engine over the real worker API: volunteer accounts, reputation and daily quotas,
-//! the statuses a blocked or over-quota worker gets, cross-platform assignment, and adaptive
+//! The trust engine over the real worker API: volunteer accounts (joined by key, with a quota
+//! shared across their machines), reputation and daily quotas, the statuses a blocked or
+//! over-quota worker gets, cross-platform assignment, and adaptive
 //! replication handing trusted workers work alone.
 
 use accrete_tests::{TestApp, v1 as pb};
@@ -72,9 +73,13 @@ fn id(auth: &pb::WorkerAuth) -> Uuid {
 async fn two_workers_of_one_account_never_share_a_work_unit() {
     let app = TestApp::spawn().await;
     app.submit(MODULE, inputs(1), policy(2), bounds()).await;
-    let a1 = app.register_as("a1", "alice", "x86_64").await;
-    let a2 = app.register_as("a2", "alice", "x86_64").await;
-    let b = app.register_as("b", "bob", "x86_64").await;
+    let (alice, bob) = (
+        app.create_account("alice").await,
+        app.create_account("bob").await,
+    );
+    let a1 = app.register_as("a1", &alice, "x86_64").await;
+    let a2 = app.register_as("a2", &alice, "x86_64").await;
+    let b = app.register_as("b", &bob, "x86_64").await;
     assert_eq!(fetch(&app, &a1, 1).await.unwrap().len(), 1);
     // The unit still wants a replica, but not from alice's other worker.
     assert!(fetch(&app, &a2, 1).await.unwrap().is_empty());
@@ -383,5 +388,281 @@ async fn a_declared_tolerance_lets_close_metrics_agree_and_exact_is_the_default(
             assert_eq!((rep.valid_count, rep.invalid_count), (1, 0));
         }
     }
+    app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_account_is_joined_by_its_key_and_never_by_its_name() {
+    let app = TestApp::spawn().await;
+    let mut w = app.worker_client().await;
+    let created = w
+        .create_account(pb::CreateAccountRequest {
+            name: "dave".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(created.name, "dave");
+    assert!(created.account_key.starts_with("acc_"), "{created:?}");
+    assert_eq!(created.daily_quota, 10_000, "the server's default");
+
+    // The name is taken: nobody can make "dave" again and so learn a key for it.
+    let again = w
+        .create_account(pb::CreateAccountRequest {
+            name: "dave".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), tonic::Code::AlreadyExists, "{again:?}");
+    for bad in ["", "a b", "x".repeat(65).as_str(), "dave\0", "caf\u{e9}"] {
+        let err = w
+            .create_account(pb::CreateAccountRequest { name: bad.into() })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{bad:?}: {err:?}");
+    }
+
+    // A wrong key registers nothing.
+    let workers_before = count(&app, "SELECT count(*) FROM workers").await;
+    let forged = w
+        .register(pb::RegisterRequest {
+            platform: Some(pb::Platform {
+                arch: "x86_64".into(),
+                os: "linux".into(),
+                ..Default::default()
+            }),
+            name: "mallory".into(),
+            account_key: format!("{}0", &created.account_key[..created.account_key.len() - 1]),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(forged.code(), tonic::Code::Unauthenticated, "{forged:?}");
+    assert!(
+        forged.message().contains("account key"),
+        "{}",
+        forged.message()
+    );
+    assert_eq!(
+        count(&app, "SELECT count(*) FROM workers").await,
+        workers_before
+    );
+
+    // The right key joins the account, and the server says which.
+    let joined = w
+        .register(pb::RegisterRequest {
+            platform: Some(pb::Platform {
+                arch: "x86_64".into(),
+                os: "linux".into(),
+                ..Default::default()
+            }),
+            name: "dave-laptop".into(),
+            account_key: created.account_key.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(joined.account, "dave");
+    let rep = app
+        .store
+        .reputation(Uuid::parse_str(&joined.worker_id).unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(rep.account.as_deref(), Some("dave"));
+    // Only the key's hash is stored.
+    let stored: Vec<u8> = sqlx::query_scalar("SELECT key_hash FROM accounts WHERE name = 'dave'")
+        .fetch_one(app.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(
+        stored,
+        blake3::hash(created.account_key.as_bytes()).as_bytes()
+    );
+    app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_accounts_daily_quota_holds_across_its_machines_even_when_they_claim_at_once() {
+    let app = TestApp::spawn().await;
+    app.submit(MODULE, inputs(200), policy(1), bounds()).await;
+    let key = app.create_account("carol").await;
+    let admin = app
+        .mint_key(accrete_server::auth::Role::Admin, "operator")
+        .await;
+    let mut ops = app.client_with(Some(&admin)).await;
+    ops.admin
+        .set_account_quota(pb::SetAccountQuotaRequest {
+            account: "carol".into(),
+            daily_quota: 7,
+        })
+        .await
+        .unwrap();
+    let unknown = ops
+        .admin
+        .set_account_quota(pb::SetAccountQuotaRequest {
+            account: "nobody".into(),
+            daily_quota: 7,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::NotFound, "{unknown:?}");
+    // Only an admin may.
+    let denied = app
+        .client()
+        .await
+        .admin
+        .set_account_quota(pb::SetAccountQuotaRequest {
+            account: "carol".into(),
+            daily_quota: 1_000,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
+
+    // Four machines, each with plenty of its own quota, claiming at once and repeatedly.
+    let mut machines = Vec::new();
+    for i in 0..4 {
+        machines.push(app.register_as(&format!("carol-{i}"), &key, "x86_64").await);
+    }
+    let mut claims = tokio::task::JoinSet::new();
+    for m in &machines {
+        for _ in 0..3 {
+            let (app_url, m) = (app.server_url.clone(), m.clone());
+            claims.spawn(async move {
+                let mut c = pb::worker_service_client::WorkerServiceClient::connect(app_url)
+                    .await
+                    .unwrap();
+                c.fetch_work(pb::FetchWorkRequest {
+                    auth: Some(m),
+                    max: 3,
+                    resume: false,
+                })
+                .await
+                .map(|r| r.into_inner().assignments.len())
+            });
+        }
+    }
+    let mut granted = 0;
+    while let Some(r) = claims.join_next().await {
+        match r.unwrap() {
+            Ok(n) => granted += n,
+            Err(s) => assert_eq!(s.code(), tonic::Code::ResourceExhausted, "{s:?}"),
+        }
+    }
+    assert_eq!(granted, 7, "the account's quota, not 4 machines x 9");
+    assert_eq!(
+        count(
+            &app,
+            "SELECT count(*) FROM replicas WHERE account = 'carol'"
+        )
+        .await,
+        7
+    );
+    let err = fetch(&app, &machines[3], 1).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    assert!(
+        err.message().contains("account \"carol\"") && err.message().contains("resets at"),
+        "{}",
+        err.message()
+    );
+    // A worker of no account is not held back by carol's.
+    let other = app.register("solo").await;
+    assert_eq!(fetch(&app, &other, 3).await.unwrap().len(), 3);
+
+    // A new UTC day: the count starts again (the day is moved back rather than waiting).
+    sqlx::query("UPDATE accounts SET quota_day = quota_day - 1 WHERE name = 'carol'")
+        .execute(app.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(fetch(&app, &machines[0], 5).await.unwrap().len(), 5);
+    assert_eq!(fetch(&app, &machines[1], 5).await.unwrap().len(), 2);
+    // An admin's 0 stops the account's work at once.
+    ops.admin
+        .set_account_quota(pb::SetAccountQuotaRequest {
+            account: "carol".into(),
+            daily_quota: 0,
+        })
+        .await
+        .unwrap();
+    sqlx::query("UPDATE accounts SET quota_day = quota_day - 1 WHERE name = 'carol'")
+        .execute(app.store.pool())
+        .await
+        .unwrap();
+    let stopped = fetch(&app, &machines[2], 1).await.unwrap_err();
+    assert_eq!(
+        stopped.code(),
+        tonic::Code::ResourceExhausted,
+        "{stopped:?}"
+    );
+    app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_binary_makes_an_account_its_machines_join_and_a_wrong_key_stops_it() {
+    let mut app = TestApp::spawn().await;
+    let create = |name: &str| {
+        std::process::Command::new(crate::BINS.worker)
+            .args(["--server", &app.server_url, "--create-account", name])
+            .output()
+            .unwrap()
+    };
+    let made = create("erin");
+    assert!(made.status.success(), "{made:?}");
+    let key = String::from_utf8(made.stdout).unwrap().trim().to_string();
+    assert!(key.starts_with("acc_"), "stdout is the key alone: {key:?}");
+    let taken = create("erin");
+    assert!(!taken.status.success());
+    assert!(
+        String::from_utf8_lossy(&taken.stderr).contains("already exists"),
+        "{taken:?}"
+    );
+
+    // A mistyped key: the worker says so and exits, rather than retrying for ever.
+    let wrong = std::process::Command::new(crate::BINS.worker)
+        .args(["--server", &app.server_url, "--no-credential-file"])
+        .env("ACCRETE_ACCOUNT_KEY", "acc_not-a-key")
+        .output()
+        .unwrap();
+    assert!(!wrong.status.success(), "{wrong:?}");
+    let said = String::from_utf8_lossy(&wrong.stderr);
+    assert!(said.contains("unknown account key"), "{said}");
+
+    // Two machines of erin's and one of nobody's run a quorum-2 study to the end.
+    let study = app
+        .submit(
+            accrete_tasks::TINY_MODEL,
+            crate::tiny_model_inputs(6, 20),
+            policy(2),
+            bounds(),
+        )
+        .await;
+    app.start_worker_command(crate::BINS.worker, &["--account-key", &key], "erin-1", 1);
+    app.start_worker_command(crate::BINS.worker, &["--account-key", &key], "erin-2", 1);
+    app.start_worker_process(&crate::BINS, "frank", 1);
+    let status = app.wait_done(study.study_id, crate::TIMEOUT).await;
+    assert_eq!(status.validated, 6, "{status:?}");
+    let joined: Vec<(String, Option<String>)> =
+        sqlx::query_as("SELECT name, account FROM workers ORDER BY name")
+            .fetch_all(app.store.pool())
+            .await
+            .unwrap();
+    assert_eq!(
+        joined,
+        [
+            ("erin-1".to_string(), Some("erin".to_string())),
+            ("erin-2".to_string(), Some("erin".to_string())),
+            ("frank".to_string(), None),
+        ]
+    );
+    // Every unit was validated by erin and frank, never by erin twice.
+    assert_eq!(
+        count(
+            &app,
+            "SELECT count(*) FROM (SELECT wu_id FROM replicas WHERE account = 'erin'
+                                   GROUP BY wu_id HAVING count(*) > 1) x"
+        )
+        .await,
+        0
+    );
     app.shutdown().await;
 }

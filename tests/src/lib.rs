@@ -322,14 +322,26 @@ impl TestApp {
         self.register_as(name, "", "x86_64").await
     }
 
-    /// Registers a hand-driven worker of a volunteer `account` (empty: none) on `arch`/linux.
-    pub async fn register_as(&self, name: &str, account: &str, arch: &str) -> pb::WorkerAuth {
+    /// Creates a volunteer account; returns its key.
+    pub async fn create_account(&self, name: &str) -> String {
+        self.worker_client()
+            .await
+            .create_account(pb::CreateAccountRequest { name: name.into() })
+            .await
+            .unwrap()
+            .into_inner()
+            .account_key
+    }
+
+    /// Registers a hand-driven worker on `arch`/linux, joining the volunteer account whose key
+    /// is `account_key` (empty: none).
+    pub async fn register_as(&self, name: &str, account_key: &str, arch: &str) -> pb::WorkerAuth {
         let r = self
             .worker_client()
             .await
             .register(pb::RegisterRequest {
                 name: name.into(),
-                account: account.into(),
+                account_key: account_key.into(),
                 platform: Some(pb::Platform {
                     arch: arch.into(),
                     os: "linux".into(),

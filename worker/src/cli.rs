@@ -47,10 +47,22 @@ struct Args {
     #[arg(long, env = "ACCRETE_WORKER_NAME")]
     name: Option<String>,
 
-    /// Volunteer account this worker belongs to; the scheduler never gives two workers of one
-    /// account replicas of the same work unit.
-    #[arg(long, env = "ACCRETE_ACCOUNT", default_value = "")]
-    account: String,
+    /// Key of the volunteer account this worker joins (from --create-account). The account's
+    /// workers, on any machines, share its daily quota, and the scheduler never gives two of
+    /// them replicas of the same work unit. Prefer the environment variable or the config file
+    /// to the flag: other users of this host can read a process's flags.
+    #[arg(
+        long,
+        env = "ACCRETE_ACCOUNT_KEY",
+        default_value = "",
+        hide_env_values = true
+    )]
+    account_key: String,
+
+    /// Create the volunteer account NAME on the scheduler, print its key (shown only once),
+    /// and exit. Give the key to each of your workers with --account-key.
+    #[arg(long, value_name = "NAME")]
+    create_account: Option<String>,
 
     /// File keeping this worker's credential, so a restarted worker keeps its identity, its
     /// reputation and the work units it held [default: worker-NAME.credential in
@@ -104,8 +116,22 @@ async fn work(args: Args) -> anyhow::Result<()> {
             .init();
     }
 
+    let tls = accrete_proto::transport::ClientTls::from_ca_file(args.ca_file.as_deref())?;
+    if let Some(name) = &args.create_account {
+        let created = crate::create_account(&args.server, &tls, name)
+            .await
+            .context("creating the account")?;
+        eprintln!(
+            "account {:?} created (daily quota {} replicas for all its workers together); its \
+             key is shown only now. Start each of your workers with ACCRETE_ACCOUNT_KEY set to it \
+             (or --account-key):",
+            created.name, created.daily_quota
+        );
+        println!("{}", created.account_key);
+        return Ok(());
+    }
     let mut config = crate::WorkerConfig::new(args.server);
-    config.tls = accrete_proto::transport::ClientTls::from_ca_file(args.ca_file.as_deref())?;
+    config.tls = tls;
     if let Some(slots) = args.slots {
         config.slots = slots;
         config.prefetch = slots;
@@ -121,7 +147,7 @@ async fn work(args: Args) -> anyhow::Result<()> {
             .or_else(|| default_credential_file(&name))
     };
     config.name = Some(name);
-    config.account = args.account;
+    config.account_key = args.account_key;
     config.max_batch = args.max_batch;
     config.drain_timeout = Duration::from_secs(args.drain_timeout_secs);
 

@@ -49,8 +49,9 @@ pub struct WorkerConfig {
     pub slots: usize,
     /// Name shown to operators (default: the host name).
     pub name: Option<String>,
-    /// The volunteer account this worker belongs to (empty: none).
-    pub account: String,
+    /// The key of the volunteer account this worker joins (empty: none); see
+    /// [`create_account`].
+    pub account_key: String,
     /// Most replicas claimed by one `FetchWork` (default 64).
     pub max_batch: usize,
     /// Replicas claimed beyond the free slots, so a slot that frees up has work without a round
@@ -77,7 +78,7 @@ impl WorkerConfig {
             server: server.into(),
             slots,
             name: None,
-            account: String::new(),
+            account_key: String::new(),
             max_batch: 64,
             prefetch: slots,
             drain_timeout: Duration::from_secs(10),
@@ -102,6 +103,30 @@ pub struct WorkerSummary {
     /// Results that could not be delivered before exiting (server unreachable at shutdown, or
     /// refused); the server reissues those replicas when their deadline passes.
     pub unreported: u64,
+}
+
+/// Creates the volunteer account `name` on the scheduler at `server` and returns it with its
+/// key, which the scheduler shows only this once. Workers started with the key
+/// ([`WorkerConfig::account_key`]) share the account's daily quota, and no two of them get
+/// replicas of the same work unit.
+pub async fn create_account(
+    server: &str,
+    tls: &accrete_proto::transport::ClientTls,
+    name: &str,
+) -> anyhow::Result<accrete_proto::v1::CreateAccountResponse> {
+    let channel = accrete_proto::transport::endpoint(server, tls)?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(30))
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {server}"))?;
+    let created = WorkerServiceClient::new(channel)
+        .create_account(accrete_proto::v1::CreateAccountRequest {
+            name: name.to_string(),
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?;
+    Ok(created.into_inner())
 }
 
 /// Runs a worker until `shutdown` resolves, then drains (see [`WorkerConfig::drain_timeout`])
@@ -134,7 +159,7 @@ pub async fn run(
     let session = Arc::new(Session::new(
         client,
         name,
-        config.account.clone(),
+        config.account_key.clone(),
         &config.server,
         config.credential_file.clone(),
     ));
@@ -147,6 +172,24 @@ pub async fn run(
     );
 
     let (shutdown_handle, stop) = stop_pair();
+    tokio::pin!(shutdown);
+    // Register before anything else: a refusal (a mistyped account key, say) is a mistake to
+    // report and exit on, not to retry for ever. An unreachable server is waited for.
+    tokio::select! {
+        registered = session.credentials(&stop) => {
+            if let Err(CallError::Failed(status)) = registered {
+                anyhow::bail!(
+                    "the scheduler refused to register this worker ({:?}): {}",
+                    status.code(),
+                    status.message()
+                );
+            }
+        }
+        _ = &mut shutdown => {
+            tracing::info!("stopped before registering");
+            return Ok(WorkerSummary::default());
+        }
+    }
     let (final_handle, final_stop) = stop_pair();
     let (reports, results) = mpsc::unbounded_channel();
     let reporter = tokio::spawn({
@@ -178,7 +221,7 @@ pub async fn run(
     ));
 
     tokio::select! {
-        _ = shutdown => {}
+        _ = &mut shutdown => {}
         ended = &mut dispatcher => {
             // The dispatcher only returns after a stop; anything else is a bug worth surfacing.
             shutdown_handle.fire();

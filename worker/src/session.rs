@@ -157,7 +157,7 @@ impl Session {
     pub(crate) fn new(
         client: Client,
         name: String,
-        account: String,
+        account_key: String,
         server: &str,
         credential_file: Option<PathBuf>,
     ) -> Self {
@@ -172,7 +172,7 @@ impl Session {
             hello: RegisterRequest {
                 platform: Some(platform()),
                 name,
-                account,
+                account_key,
             },
             resume: AtomicBool::new(loaded.is_some()),
             auth: Mutex::new(loaded),
@@ -209,7 +209,7 @@ impl Session {
     }
 
     /// Current credentials, registering first if there are none. Retries until registered.
-    async fn credentials(&self, stop: &Stop) -> Result<WorkerAuth, CallError> {
+    pub(crate) async fn credentials(&self, stop: &Stop) -> Result<WorkerAuth, CallError> {
         if let Some(auth) = self.current() {
             return Ok(auth);
         }
@@ -228,7 +228,7 @@ impl Session {
             match self.client.clone().register(self.hello.clone()).await {
                 Ok(response) => {
                     let r = response.into_inner();
-                    tracing::info!(worker_id = %r.worker_id, "registered with the scheduler");
+                    tracing::info!(worker_id = %r.worker_id, account = %r.account, "registered with the scheduler");
                     let auth = WorkerAuth {
                         worker_id: r.worker_id,
                         token: r.token,
@@ -241,7 +241,11 @@ impl Session {
                     }
                     return Ok(auth);
                 }
-                Err(status) if matches!(verdict(Rpc::FetchWork, &status), Verdict::Refused) => {
+                // UNAUTHENTICATED here is about the account key, which retrying will not fix.
+                Err(status)
+                    if status.code() == Code::Unauthenticated
+                        || matches!(verdict(Rpc::FetchWork, &status), Verdict::Refused) =>
+                {
                     tracing::error!(code = ?status.code(), message = status.message(), "registration refused");
                     return Err(CallError::Failed(status));
                 }

@@ -1,5 +1,5 @@
-//! SQL for identities: API keys (hashed, with roles), worker credentials, study ownership, and
-//! the replicas a returning worker still holds.
+//! SQL for identities: API keys (hashed, with roles), volunteer accounts (hashed keys, shared
+//! quotas), worker credentials, study ownership, and the replicas a returning worker still holds.
 
 use sqlx::FromRow;
 use uuid::Uuid;
@@ -113,6 +113,51 @@ impl Store {
         .await?
         .rows_affected()
             == 1)
+    }
+
+    /// Creates a volunteer account with this key hash; false if the name is taken.
+    pub async fn create_account(
+        &self,
+        name: &str,
+        prefix: &str,
+        key_hash: &[u8; 32],
+        daily_quota: i32,
+    ) -> Result<bool, Error> {
+        Ok(sqlx::query(
+            "INSERT INTO accounts (name, prefix, key_hash, daily_quota) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(name)
+        .bind(prefix)
+        .bind(&key_hash[..])
+        .bind(daily_quota)
+        .execute(&self.pool)
+        .await?
+        .rows_affected()
+            == 1)
+    }
+
+    /// The name of the account whose key has this hash.
+    pub async fn account_by_key_hash(&self, key_hash: &[u8; 32]) -> Result<Option<String>, Error> {
+        Ok(
+            sqlx::query_scalar("SELECT name FROM accounts WHERE key_hash = $1")
+                .bind(&key_hash[..])
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    /// Sets an account's daily quota; false if there is no such account.
+    pub async fn set_account_quota(&self, name: &str, daily_quota: i32) -> Result<bool, Error> {
+        Ok(
+            sqlx::query("UPDATE accounts SET daily_quota = $2 WHERE name = $1")
+                .bind(name)
+                .bind(daily_quota)
+                .execute(&self.pool)
+                .await?
+                .rows_affected()
+                == 1,
+        )
     }
 
     pub async fn worker_credential(&self, id: Uuid) -> Result<Option<WorkerCredential>, Error> {

@@ -117,6 +117,11 @@ pub struct Standing {
     /// Replicas it may still take today (UTC).
     pub quota_left: i32,
     pub daily_quota: i32,
+    /// Its volunteer account, if any, and what is left of the account's daily quota (shared by
+    /// all the account's workers).
+    pub account: Option<String>,
+    pub account_quota_left: Option<i32>,
+    pub account_daily_quota: Option<i32>,
     /// When today's quota count starts again (the next UTC midnight), seconds since the epoch.
     pub resets_unix: i64,
     /// The same, as "YYYY-MM-DD HH:MM UTC".
@@ -395,17 +400,22 @@ impl Store {
         Ok(())
     }
 
-    /// Whether a worker is blocked, and what is left of its daily quota.
+    /// Whether a worker is blocked, and what is left of its daily quota and of its account's.
     pub async fn standing(&self, worker: Uuid) -> Result<Option<Standing>, Error> {
         Ok(sqlx::query_as::<_, Standing>(
-            "SELECT blocked, daily_quota,
-                    GREATEST(daily_quota - CASE WHEN quota_day = (now() AT TIME ZONE 'UTC')::date
-                                                THEN quota_used ELSE 0 END, 0) AS quota_left,
+            "SELECT k.blocked, k.daily_quota,
+                    GREATEST(k.daily_quota - CASE WHEN k.quota_day = (now() AT TIME ZONE 'UTC')::date
+                                                  THEN k.quota_used ELSE 0 END, 0) AS quota_left,
+                    k.account, a.daily_quota AS account_daily_quota,
+                    GREATEST(a.daily_quota - CASE WHEN a.quota_day = (now() AT TIME ZONE 'UTC')::date
+                                                  THEN a.quota_used ELSE 0 END, 0)
+                        AS account_quota_left,
                     extract(epoch FROM (((now() AT TIME ZONE 'UTC')::date + 1)::timestamp
                                         AT TIME ZONE 'UTC'))::bigint AS resets_unix,
                     to_char((now() AT TIME ZONE 'UTC')::date + 1, 'YYYY-MM-DD') || ' 00:00 UTC'
                         AS resets_at
-             FROM workers WHERE id = $1",
+             FROM workers k LEFT JOIN accounts a ON a.name = k.account
+             WHERE k.id = $1",
         )
         .bind(worker)
         .fetch_optional(&self.pool)
@@ -467,15 +477,16 @@ impl Store {
         Ok(created)
     }
 
-    /// Hands up to `max` replicas to a worker in one statement. It locks the worker's row (so
-    /// its daily quota is counted exactly), looks at the next pending work units that still want
-    /// replicas and that neither this worker nor any worker of its account holds (locking them,
-    /// skipping units another claim has locked), prefers among them units with no replica on
-    /// this worker's platform yet (cross-platform validation), and takes at most what is left of
-    /// the quota. Adaptive replication happens here too: when a trusted worker takes the first
-    /// replica of an adaptive unit and the spot-check draw says no, the same statement sets the
-    /// unit's `unsent` to 0 and marks the replica `solo`, so nothing else is issued unless that
-    /// replica fails. A blocked or over-quota worker gets nothing; [`Store::standing`] says why.
+    /// Hands up to `max` replicas to a worker in one statement. It locks the worker's row and
+    /// then its account's (so both daily quotas are counted exactly, whichever of the account's
+    /// machines claim at once), looks at the next pending work units that still want replicas
+    /// and that neither this worker nor any worker of its account holds (locking them, skipping
+    /// units another claim has locked), prefers among them units with no replica on this
+    /// worker's platform yet (cross-platform validation), and takes at most what is left of the
+    /// smaller of the two quotas. Adaptive replication happens here too: when a trusted worker
+    /// takes the first replica of an adaptive unit and the spot-check draw says no, the same
+    /// statement sets the unit's `unsent` to 0 and marks the replica `solo`, so nothing else is
+    /// issued unless that replica fails. A blocked or over-quota worker gets nothing; [`Store::standing`] says why.
     /// Workers excluded from a unit (the original workers of an adoption's re-run) never get it.
     ///
     /// Cost does not grow with the queue: the scan walks the partial index `work_units_dispatch`
@@ -496,6 +507,18 @@ impl Store {
                              THEN 1.0 / k.consecutive_valid ELSE 1.0 END AS spot_check
                  FROM workers k WHERE k.id = $1 AND NOT k.blocked
                  FOR NO KEY UPDATE
+             ), acct AS (
+                 SELECT a.name,
+                        GREATEST(a.daily_quota::bigint
+                            - CASE WHEN a.quota_day = (now() AT TIME ZONE 'UTC')::date
+                                   THEN a.quota_used ELSE 0 END, 0) AS left_today
+                 FROM accounts a WHERE a.name = (SELECT account FROM me)
+                 FOR NO KEY UPDATE
+             ), lim AS (
+                 -- Always one row: a NULL limit would mean no limit at all.
+                 SELECT coalesce((SELECT LEAST(me.allowed,
+                                               coalesce((SELECT left_today FROM acct), me.allowed))
+                                  FROM me), 0) AS allowed
              ), candidates AS (
                  SELECT w.id, w.adaptive, w.n_issued FROM work_units w
                  WHERE w.state = 'pending' AND w.unsent > 0
@@ -506,14 +529,14 @@ impl Store {
                    AND NOT EXISTS (SELECT 1 FROM wu_exclusions x
                                    WHERE x.wu_id = w.id AND x.worker_id = $1 OFFSET 0)
                  ORDER BY w.id
-                 LIMIT 4 * (SELECT allowed FROM me)
+                 LIMIT 4 * (SELECT allowed FROM lim)
                  FOR UPDATE SKIP LOCKED
              ), picked AS (
                  SELECT c.id, c.adaptive AND c.n_issued = 0 AND random() >= me.spot_check AS solo
                  FROM candidates c CROSS JOIN me
                  ORDER BY EXISTS (SELECT 1 FROM replicas r
                                   WHERE r.wu_id = c.id AND r.platform = me.platform OFFSET 0), c.id
-                 LIMIT (SELECT allowed FROM me)
+                 LIMIT (SELECT allowed FROM lim)
              ), taken AS (
                  UPDATE work_units w
                  SET unsent = CASE WHEN p.solo THEN 0 ELSE w.unsent - 1 END,
@@ -534,6 +557,13 @@ impl Store {
                                   + (SELECT count(*) FROM taken),
                      quota_day = (now() AT TIME ZONE 'UTC')::date
                  WHERE k.id = $1 AND EXISTS (SELECT 1 FROM taken)
+             ), counted_account AS (
+                 UPDATE accounts a
+                 SET quota_used = (CASE WHEN a.quota_day = (now() AT TIME ZONE 'UTC')::date
+                                        THEN a.quota_used ELSE 0 END)
+                                  + (SELECT count(*) FROM taken),
+                     quota_day = (now() AT TIME ZONE 'UTC')::date
+                 FROM acct WHERE a.name = acct.name AND EXISTS (SELECT 1 FROM taken)
              )
              SELECT m.id AS replica_id, t.id AS wu_id, t.module_hash, t.input, t.input_hash,
                     t.fuel, t.memory_bytes, t.output_bytes, t.wall_ms,
