@@ -258,6 +258,17 @@ async fn a_burst_over_the_rate_limit_is_refused_and_the_server_keeps_serving() {
         [Code::Ok, Code::Ok, Code::Ok, Code::ResourceExhausted],
         "the fourth registration in a minute is refused"
     );
+    // Making accounts shares the budget: it needs no credential either.
+    let account = app
+        .worker_client()
+        .await
+        .create_account(pb::CreateAccountRequest {
+            name: "flood".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(account.code(), Code::ResourceExhausted, "{account:?}");
+    assert!(account.message().contains("registrations"), "{account:?}");
 
     // Research calls without credentials count against the peer address: a burst of 20 gets
     // RESOURCE_EXHAUSTED for most of it (the rest reach the handler, which wants a key).
