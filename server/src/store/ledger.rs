@@ -396,6 +396,9 @@ impl Store {
             ),
             None => Chain::new(0, GENESIS),
         };
+        // The worker's runtime is a scalar subquery, one primary-key probe per replica: as a
+        // join, the planner hashed the whole `workers` table once per finding (half a second
+        // per seal with 1,000 workers, growing with the fleet).
         let findings = sqlx::query_as::<_, SealFinding>(
             "SELECT f.id, f.study_id, f.wu_id, f.module_hash, f.input_hash, f.output_hash,
                     f.metrics, f.params, f.confidence, f.dissenting,
@@ -404,8 +407,10 @@ impl Store {
                               FROM study_parents p WHERE p.study_id = f.study_id), '{}') AS parents,
                     coalesce((SELECT jsonb_agg(jsonb_build_object(
                                   'replica', r.id, 'worker', r.worker_id, 'platform', r.platform,
-                                  'runtime', k.runtime, 'fuel_used', r.fuel_used) ORDER BY r.id)
-                              FROM replicas r JOIN workers k ON k.id = r.worker_id
+                                  'runtime', (SELECT k.runtime FROM workers k
+                                              WHERE k.id = r.worker_id),
+                                  'fuel_used', r.fuel_used) ORDER BY r.id)
+                              FROM replicas r
                               WHERE r.id = ANY(f.agreeing_replicas)), '[]') AS agreeing
              FROM findings f WHERE f.ledger_seq IS NULL ORDER BY f.id LIMIT $1",
         )
