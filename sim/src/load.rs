@@ -525,7 +525,9 @@ impl Fleet {
 }
 
 /// Calls `call` until the server takes it: a whole fleet registering at once is shed past the
-/// server's concurrency limit, and like real workers these try again after a pause that grows.
+/// server's concurrency limit (`UNAVAILABLE`) or has a fresh connection dropped (`UNKNOWN`, a
+/// transport error; the channel reconnects), and like real workers these try again after a
+/// pause that grows.
 async fn retry_shed<T, F, Fut>(i: usize, mut call: F) -> anyhow::Result<T>
 where
     F: FnMut() -> Fut,
@@ -535,7 +537,10 @@ where
     loop {
         match call().await {
             Ok(r) => return Ok(r.into_inner()),
-            Err(s) if s.code() == tonic::Code::Unavailable && attempt < 20 => {
+            Err(s)
+                if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown)
+                    && attempt < 20 =>
+            {
                 attempt += 1;
                 let ms = 50 * attempt + (i as u64 * 7919) % 100;
                 tokio::time::sleep(Duration::from_millis(ms)).await;
