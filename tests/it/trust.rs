@@ -666,3 +666,25 @@ async fn the_worker_binary_makes_an_account_its_machines_join_and_a_wrong_key_st
     );
     app.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_claim_finds_every_unit_whichever_lane_of_the_queue_it_starts_in() {
+    // Claims start in a random lane of the queue (`id % 16`) and wrap round to the lanes
+    // before it; with three units in three lanes, every claim must still find all three.
+    let app = TestApp::spawn().await;
+    let p = pb::ReplicationPolicy {
+        target_nresults: 12,
+        max_total_results: 12,
+        max_success_results: 12,
+        ..policy(12)
+    };
+    app.submit(MODULE, inputs(3), p, bounds()).await;
+    for i in 0..12 {
+        let w = app.register(&format!("w{i}")).await;
+        let got = fetch(&app, &w, 3).await.unwrap();
+        assert_eq!(got.len(), 3, "claim {i} found {got:?}");
+    }
+    let w = app.register("one-too-many").await;
+    assert!(fetch(&app, &w, 3).await.unwrap().is_empty());
+    app.shutdown().await;
+}

@@ -486,15 +486,22 @@ impl Store {
     /// smaller of the two quotas. Adaptive replication happens here too: when a trusted worker
     /// takes the first replica of an adaptive unit and the spot-check draw says no, the same
     /// statement sets the unit's `unsent` to 0 and marks the replica `solo`, so nothing else is
-    /// issued unless that replica fails. A blocked or over-quota worker gets nothing; [`Store::standing`] says why.
-    /// Workers excluded from a unit (the original workers of an adoption's re-run) never get it.
+    /// issued unless that replica fails. A blocked or over-quota worker gets nothing;
+    /// [`Store::standing`] says why. Workers excluded from a unit (the original workers of an
+    /// adoption's re-run) never get it.
     ///
     /// Cost does not grow with the queue: the scan walks the partial index `work_units_dispatch`
-    /// (pending units that still want replicas) in id order, and each `NOT EXISTS` reads only
-    /// one unit's few replicas (through the unique index on `(wu_id, worker_id)`). `OFFSET 0` keeps those subqueries correlated probes:
-    /// without it the planner may turn them into anti-joins that read every replica ever issued
-    /// in `wu_id` order (about a second per claim with 800,000 settled replicas).
+    /// (pending units that still want replicas) in id order within a lane, and each `NOT EXISTS`
+    /// reads only one unit's few replicas (through the unique index on `(wu_id, worker_id)`).
+    /// `OFFSET 0` keeps those subqueries correlated probes: without it the planner may turn them
+    /// into anti-joins that read every replica ever issued in `wu_id` order (about a second per
+    /// claim with 800,000 settled replicas). Nor does it grow much with the number of claimers:
+    /// the queue is read in [`DISPATCH_LANES`] lanes (`id % 16`, the leading column of
+    /// `work_units_dispatch`), each in id order, from a random lane onwards (`ahead`) and then
+    /// round to the lanes before it (`behind`), rather than by everybody from its head, where
+    /// every claim walked past the units all the others had just locked.
     pub async fn claim(&self, worker: Uuid, max: i64) -> Result<Vec<Claimed>, Error> {
+        let lane = rand::random_range(0..DISPATCH_LANES) as i32;
         Ok(sqlx::query_as::<_, Claimed>(
             "WITH me AS (
                  SELECT k.id, k.account, k.arch || '/' || k.os AS platform,
@@ -519,18 +526,35 @@ impl Store {
                  SELECT coalesce((SELECT LEAST(me.allowed,
                                                coalesce((SELECT left_today FROM acct), me.allowed))
                                   FROM me), 0) AS allowed
-             ), candidates AS (
+             ), ahead AS (
                  SELECT w.id, w.adaptive, w.n_issued FROM work_units w
-                 WHERE w.state = 'pending' AND w.unsent > 0
+                 WHERE w.id % 16 >= $7 AND w.state = 'pending' AND w.unsent > 0
                    AND NOT EXISTS (SELECT 1 FROM replicas r
                                    WHERE r.wu_id = w.id
                                      AND (r.worker_id = $1 OR r.account = (SELECT account FROM me))
                                    OFFSET 0)
                    AND NOT EXISTS (SELECT 1 FROM wu_exclusions x
                                    WHERE x.wu_id = w.id AND x.worker_id = $1 OFFSET 0)
-                 ORDER BY w.id
-                 LIMIT 4 * (SELECT allowed FROM lim)
+                 ORDER BY w.id % 16, w.id
+                 LIMIT 2 * (SELECT allowed FROM lim)
                  FOR UPDATE SKIP LOCKED
+             ), behind AS (
+                 SELECT w.id, w.adaptive, w.n_issued FROM work_units w
+                 WHERE w.id % 16 < $7 AND w.state = 'pending' AND w.unsent > 0
+                   AND NOT EXISTS (SELECT 1 FROM replicas r
+                                   WHERE r.wu_id = w.id
+                                     AND (r.worker_id = $1 OR r.account = (SELECT account FROM me))
+                                   OFFSET 0)
+                   AND NOT EXISTS (SELECT 1 FROM wu_exclusions x
+                                   WHERE x.wu_id = w.id AND x.worker_id = $1 OFFSET 0)
+                 ORDER BY w.id % 16, w.id
+                 LIMIT 2 * (SELECT allowed FROM lim)
+                 FOR UPDATE SKIP LOCKED
+             ), candidates AS (
+                 -- A CTE runs, and locks, only as far as its reader reads: `behind` only when
+                 -- `ahead` is short.
+                 SELECT * FROM (SELECT * FROM ahead UNION ALL SELECT * FROM behind) u
+                 LIMIT 2 * (SELECT allowed FROM lim)
              ), picked AS (
                  SELECT c.id, c.adaptive AND c.n_issued = 0 AND random() >= me.spot_check AS solo
                  FROM candidates c CROSS JOIN me
@@ -577,6 +601,7 @@ impl Store {
         .bind(scheduler::TRUST_MAX_ERROR_RATE)
         .bind(scheduler::PRIOR_WRONG)
         .bind(scheduler::PRIOR_RIGHT)
+        .bind(lane)
         .fetch_all(&self.pool)
         .await?)
     }
@@ -869,3 +894,7 @@ fn params_of(input: &[u8]) -> Option<String> {
 pub fn clean_text(s: &str, max: usize) -> String {
     s.chars().filter(|&c| c != '\0').take(max).collect()
 }
+
+/// Lanes of the claim's queue: `work_units_dispatch` leads with `id % 16` (migration
+/// `20261128100001_dispatch_lanes.sql`, and the claim's SQL, write the number out).
+pub const DISPATCH_LANES: u32 = 16;
