@@ -156,11 +156,15 @@ async fn errors_halve_the_quota_until_the_worker_is_told_to_come_back_tomorrow()
     // A valid result grows the quota back (and a new day would reset the count).
     let good = app.register("good").await;
     let a = fetch(&app, &good, 1).await.unwrap();
+    // Claims start in a random lane of the queue: take every unit to be sure of a's.
     let b = app.register("good2").await;
-    let bb = fetch(&app, &b, 1).await.unwrap();
-    assert_eq!(a[0].work_unit_id, bb[0].work_unit_id);
+    let bb = fetch(&app, &b, 10).await.unwrap();
+    let same = bb
+        .iter()
+        .find(|x| x.work_unit_id == a[0].work_unit_id)
+        .expect("the second worker gets the first one's unit too");
     report(&app, &good, vec![success(a[0].replica_id, OUTPUT)]).await;
-    report(&app, &b, vec![success(bb[0].replica_id, OUTPUT)]).await;
+    report(&app, &b, vec![success(same.replica_id, OUTPUT)]).await;
     let rep = app.store.reputation(id(&good)).await.unwrap().unwrap();
     assert_eq!(
         (rep.valid_count, rep.consecutive_valid, rep.daily_quota),

@@ -111,85 +111,95 @@ const REPLICAS_OF: &str = "
            END AS canonical_metrics
     FROM replicas r JOIN workers k ON k.id = r.worker_id WHERE r.wu_id = ANY($1) ORDER BY r.id";
 
-/// Every changed replica in one statement, each compare-and-set on the state it was read in.
-/// Rows only given a verdict keep their report's time and fuel.
-const WRITE_REPLICAS: &str = "
-    UPDATE replicas r
-    SET state = u.state::replica_state, validate_state = u.validate_state::validate_state,
-        output = u.output, output_hash = u.output_hash, error_kind = u.error_kind,
-        error_message = u.error_message,
-        fuel_used = CASE WHEN u.reported THEN u.fuel_used ELSE r.fuel_used END,
-        wall_micros = CASE WHEN u.reported THEN u.wall_micros ELSE r.wall_micros END,
-        reported_at = CASE WHEN u.reported THEN now() ELSE r.reported_at END
-    FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bytea[], $6::bytea[],
-                $7::text[], $8::text[], $9::bool[], $10::bigint[], $11::bigint[])
-         AS u(id, from_state, state, validate_state, output, output_hash, error_kind,
-              error_message, reported, fuel_used, wall_micros)
-    WHERE r.id = u.id AND r.state = u.from_state::replica_state";
-
-/// Every work unit the transitioner moved, compare-and-set from `pending`.
-const WRITE_WUS: &str = "
-    UPDATE work_units w
-    SET state = u.state::wu_state, unsent = u.unsent, fail_reason = u.fail_reason,
-        canonical_replica_id = u.canonical,
-        finished_at = CASE WHEN u.state = 'pending' THEN w.finished_at ELSE now() END
-    FROM UNNEST($1::bigint[], $2::text[], $3::int[], $4::text[], $5::bigint[])
-         AS u(id, state, unsent, fail_reason, canonical)
-    WHERE w.id = u.id AND w.state = 'pending'";
-
-/// The findings of every unit validated by this batch, in work unit order; what the work unit
-/// already holds (study, hashes, parameters) is taken from its row. Per-row arrays travel as
-/// JSON because `UNNEST` flattens a two-dimensional array.
-const INSERT_FINDINGS: &str = "
-    INSERT INTO findings (wu_id, study_id, module_hash, input_hash, output_hash, output, metrics,
-        params, confidence, agreeing_replicas, dissenting, platforms, unreplicated)
-    SELECT w.id, w.study_id, w.module_hash, w.input_hash, u.output_hash, u.output,
-           u.metrics::jsonb, w.params, u.confidence,
-           ARRAY(SELECT e.v::bigint FROM jsonb_array_elements_text(u.agreeing::jsonb)
-                 WITH ORDINALITY AS e(v, n) ORDER BY e.n),
-           u.dissenting,
-           ARRAY(SELECT e.v FROM jsonb_array_elements_text(u.platforms::jsonb)
-                 WITH ORDINALITY AS e(v, n) ORDER BY e.n),
-           u.unreplicated
-    FROM UNNEST($1::bigint[], $2::bytea[], $3::bytea[], $4::text[], $5::float8[], $6::text[],
-                $7::int[], $8::text[], $9::bool[])
-         AS u(wu_id, output_hash, output, metrics, confidence, agreeing, dissenting, platforms,
-              unreplicated)
-    JOIN work_units w ON w.id = u.wu_id
-    ORDER BY w.id";
-
-/// Reputation changes of the whole batch in one statement, per worker: a valid result extends
-/// the streak and grows the daily quota back by `$3` up to `$4`; an invalid or error result ends
-/// the streak; each invalid, error or timeout halves the quota (never below 1), and so does each
-/// refused report (not the sender's replica, unknown, a second different result, a forged hash),
-/// which is also counted in `rejected_reports`, so probing costs the prober. Applied in that
-/// order (valid first), so a worker with both ends the batch with its streak broken. The rows
-/// are locked in id order first, as every path locks workers (after the work units).
-/// `NO KEY UPDATE`: foreign-key checks on replicas take `KEY SHARE` on worker rows (an update of
-/// a replica row this transaction already changed re-runs its check), which must not conflict.
-const CREDIT: &str = "
-    WITH c AS (
+/// Everything a batch decided, written in one statement (one round trip while the work units
+/// are locked, where four separate statements left the transaction idle between them):
+///
+/// - `rep`: every changed replica, each compare-and-set on the state it was read in (the
+///   statement returns how many matched). Rows only given a verdict keep their report's time
+///   and fuel.
+/// - `wus`: every work unit the transitioner moved, compare-and-set from `pending`.
+/// - `fnd`: the findings of every unit validated by this batch, in work unit order; what the
+///   work unit already holds (study, hashes, parameters) is taken from its row, which `wus`
+///   does not change in those columns (the parts of one statement share its snapshot). Per-row
+///   arrays travel as JSON because `UNNEST` flattens a two-dimensional array.
+/// - `c`, `locked`, `credited`: reputation changes per worker. A valid result extends the
+///   streak and grows the daily quota back by `$28` up to `$29`; an invalid or error result ends
+///   the streak; each invalid, error or timeout halves the quota (never below 1), and so does
+///   each refused report (not the sender's replica, unknown, a second different result, a
+///   forged hash), which is also counted in `rejected_reports`, so probing costs the prober.
+///   Applied in that order (valid first), so a worker with both ends the batch with its streak
+///   broken. The rows are locked in id order first, as every path locks workers (after the work
+///   units). `NO KEY UPDATE`: foreign-key checks on replicas take `KEY SHARE` on worker rows,
+///   which must not conflict.
+///
+/// Every part runs to completion whether or not the final `SELECT` reads it; an empty array is
+/// a part that writes nothing.
+const WRITE_BATCH: &str = "
+    WITH rep AS (
+        UPDATE replicas r
+        SET state = u.state::replica_state, validate_state = u.validate_state::validate_state,
+            output = u.output, output_hash = u.output_hash, error_kind = u.error_kind,
+            error_message = u.error_message,
+            fuel_used = CASE WHEN u.reported THEN u.fuel_used ELSE r.fuel_used END,
+            wall_micros = CASE WHEN u.reported THEN u.wall_micros ELSE r.wall_micros END,
+            reported_at = CASE WHEN u.reported THEN now() ELSE r.reported_at END
+        FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bytea[], $6::bytea[],
+                    $7::text[], $8::text[], $9::bool[], $10::bigint[], $11::bigint[])
+             AS u(id, from_state, state, validate_state, output, output_hash, error_kind,
+                  error_message, reported, fuel_used, wall_micros)
+        WHERE r.id = u.id AND r.state = u.from_state::replica_state
+        RETURNING 1
+    ), wus AS (
+        UPDATE work_units w
+        SET state = u.state::wu_state, unsent = u.unsent, fail_reason = u.fail_reason,
+            canonical_replica_id = u.canonical,
+            finished_at = CASE WHEN u.state = 'pending' THEN w.finished_at ELSE now() END
+        FROM UNNEST($12::bigint[], $13::text[], $14::int[], $15::text[], $16::bigint[])
+             AS u(id, state, unsent, fail_reason, canonical)
+        WHERE w.id = u.id AND w.state = 'pending'
+    ), fnd AS (
+        INSERT INTO findings (wu_id, study_id, module_hash, input_hash, output_hash, output,
+            metrics, params, confidence, agreeing_replicas, dissenting, platforms, unreplicated)
+        SELECT w.id, w.study_id, w.module_hash, w.input_hash, u.output_hash, u.output,
+               u.metrics::jsonb, w.params, u.confidence,
+               ARRAY(SELECT e.v::bigint FROM jsonb_array_elements_text(u.agreeing::jsonb)
+                     WITH ORDINALITY AS e(v, n) ORDER BY e.n),
+               u.dissenting,
+               ARRAY(SELECT e.v FROM jsonb_array_elements_text(u.platforms::jsonb)
+                     WITH ORDINALITY AS e(v, n) ORDER BY e.n),
+               u.unreplicated
+        FROM UNNEST($17::bigint[], $18::bytea[], $19::bytea[], $20::text[], $21::float8[],
+                    $22::text[], $23::int[], $24::text[], $25::bool[])
+             AS u(wu_id, output_hash, output, metrics, confidence, agreeing, dissenting,
+                  platforms, unreplicated)
+        JOIN work_units w ON w.id = u.wu_id
+        ORDER BY w.id
+    ), c AS (
         SELECT id, count(*) FILTER (WHERE kind = 'valid')::int AS nv,
                count(*) FILTER (WHERE kind = 'invalid')::int AS ni,
                count(*) FILTER (WHERE kind = 'error')::int AS ne,
                count(*) FILTER (WHERE kind = 'timeout')::int AS nt,
                count(*) FILTER (WHERE kind = 'rejected')::int AS nr
-        FROM UNNEST($1::uuid[], $2::text[]) AS t(id, kind) GROUP BY id
+        FROM UNNEST($26::uuid[], $27::text[]) AS t(id, kind) GROUP BY id
     ), locked AS MATERIALIZED (
         SELECT k.id FROM workers k WHERE k.id IN (SELECT id FROM c)
         ORDER BY k.id FOR NO KEY UPDATE
+    ), credited AS (
+        UPDATE workers w
+        SET valid_count = w.valid_count + c.nv, invalid_count = w.invalid_count + c.ni,
+            error_count = w.error_count + c.ne, timeout_count = w.timeout_count + c.nt,
+            rejected_reports = w.rejected_reports + c.nr,
+            consecutive_valid = CASE WHEN c.ni + c.ne > 0 THEN 0
+                                     ELSE w.consecutive_valid + c.nv END,
+            daily_quota = GREATEST(
+                (CASE WHEN c.nv > 0 THEN LEAST(w.daily_quota + $28 * c.nv, $29)
+                      ELSE w.daily_quota END)
+                    >> LEAST(c.ni + c.ne + c.nt + c.nr, 30),
+                1)
+        FROM locked l JOIN c ON c.id = l.id
+        WHERE w.id = l.id
     )
-    UPDATE workers w
-    SET valid_count = w.valid_count + c.nv, invalid_count = w.invalid_count + c.ni,
-        error_count = w.error_count + c.ne, timeout_count = w.timeout_count + c.nt,
-        rejected_reports = w.rejected_reports + c.nr,
-        consecutive_valid = CASE WHEN c.ni + c.ne > 0 THEN 0 ELSE w.consecutive_valid + c.nv END,
-        daily_quota = GREATEST(
-            (CASE WHEN c.nv > 0 THEN LEAST(w.daily_quota + $3 * c.nv, $4) ELSE w.daily_quota END)
-                >> LEAST(c.ni + c.ne + c.nt + c.nr, 30),
-            1)
-    FROM locked l JOIN c ON c.id = l.id
-    WHERE w.id = l.id";
+    SELECT count(*) FROM rep";
 
 /// What one result did to its worker's reputation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -579,130 +589,123 @@ impl Batch {
         Ok(())
     }
 
-    /// Writes what the batch decided: at most one statement per table.
+    /// Writes what the batch decided, in one statement ([`WRITE_BATCH`]).
     async fn write(mut self, tx: &mut Transaction<'static, Postgres>) -> Result<(), Error> {
-        if !self.changed.is_empty() {
-            let mut ids: Vec<i64> = self.changed.keys().copied().collect();
-            ids.sort_unstable();
-            let n = ids.len();
-            let (mut from, mut state, mut vstate) = (
-                Vec::with_capacity(n),
-                Vec::with_capacity(n),
-                Vec::with_capacity(n),
-            );
-            let (mut output, mut hash, mut kind, mut message) = (
-                Vec::with_capacity(n),
-                Vec::with_capacity(n),
-                Vec::with_capacity(n),
-                Vec::with_capacity(n),
-            );
-            let (mut reported, mut fuel, mut wall) = (
-                Vec::with_capacity(n),
-                Vec::with_capacity(n),
-                Vec::with_capacity(n),
-            );
-            for id in &ids {
-                let c = &self.changed[id];
-                let r = self.rows.get_mut(id).unwrap();
-                from.push(replica_state_str(c.from));
-                state.push(replica_state_str(r.state));
-                vstate.push(validate_state_str(r.validate_state));
-                output.push(r.output.take());
-                hash.push(r.output_hash.clone());
-                kind.push(r.error_kind.clone());
-                message.push(r.error_message.clone());
-                reported.push(c.reported.is_some());
-                fuel.push(c.reported.and_then(|x| x.0));
-                wall.push(c.reported.and_then(|x| x.1));
-            }
-            let written = sqlx::query(WRITE_REPLICAS)
-                .bind(&ids)
-                .bind(&from)
-                .bind(&state)
-                .bind(&vstate)
-                .bind(&output)
-                .bind(&hash)
-                .bind(&kind)
-                .bind(&message)
-                .bind(&reported)
-                .bind(&fuel)
-                .bind(&wall)
-                .execute(&mut **tx)
-                .await?
-                .rows_affected();
-            if written != n as u64 {
-                // Only possible if a replica changed without its work unit's lock: refuse to
-                // commit rather than record a decision taken on a stale view.
-                return Err(Error::Internal(format!(
-                    "{} of {n} replicas changed under their work unit's lock",
-                    n as u64 - written
-                )));
-            }
+        if self.changed.is_empty()
+            && self.wu_changes.is_empty()
+            && self.findings.is_empty()
+            && self.credits.is_empty()
+        {
+            return Ok(());
         }
-        if !self.wu_changes.is_empty() {
-            let c = &self.wu_changes;
-            let ids: Vec<i64> = c.iter().map(|w| w.id).collect();
-            let state: Vec<&str> = c
-                .iter()
-                .map(|w| match w.state {
-                    WuState::Pending => "pending",
-                    WuState::Validated => "validated",
-                    WuState::Failed => "failed",
-                    WuState::Cancelled => "cancelled",
-                })
-                .collect();
-            let unsent: Vec<i32> = c.iter().map(|w| w.unsent).collect();
-            let reason: Vec<Option<&str>> = c.iter().map(|w| w.fail_reason.as_deref()).collect();
-            let canonical: Vec<Option<i64>> = c.iter().map(|w| w.canonical).collect();
-            sqlx::query(WRITE_WUS)
-                .bind(&ids)
-                .bind(&state)
-                .bind(&unsent)
-                .bind(&reason)
-                .bind(&canonical)
-                .execute(&mut **tx)
-                .await?;
+        let mut ids: Vec<i64> = self.changed.keys().copied().collect();
+        ids.sort_unstable();
+        let n = ids.len();
+        let (mut from, mut state, mut vstate) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        let (mut output, mut hash, mut kind, mut message) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        let (mut reported, mut fuel, mut wall) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        for id in &ids {
+            let c = &self.changed[id];
+            let r = self.rows.get_mut(id).unwrap();
+            from.push(replica_state_str(c.from));
+            state.push(replica_state_str(r.state));
+            vstate.push(validate_state_str(r.validate_state));
+            output.push(r.output.take());
+            hash.push(r.output_hash.clone());
+            kind.push(r.error_kind.clone());
+            message.push(r.error_message.clone());
+            reported.push(c.reported.is_some());
+            fuel.push(c.reported.and_then(|x| x.0));
+            wall.push(c.reported.and_then(|x| x.1));
         }
-        if !self.findings.is_empty() {
-            let f = &self.findings;
-            let wu: Vec<i64> = f.iter().map(|x| x.wu_id).collect();
-            let hash: Vec<&[u8]> = f.iter().map(|x| x.output_hash.as_slice()).collect();
-            let output: Vec<&[u8]> = f.iter().map(|x| x.output.as_slice()).collect();
-            let metrics: Vec<&str> = f.iter().map(|x| x.metrics.as_str()).collect();
-            let confidence: Vec<f64> = f.iter().map(|x| x.confidence).collect();
-            let agreeing: Vec<String> = f
-                .iter()
-                .map(|x| serde_json::Value::from(x.agreeing.clone()).to_string())
-                .collect();
-            let dissenting: Vec<i32> = f.iter().map(|x| x.dissenting).collect();
-            let platforms: Vec<String> = f
-                .iter()
-                .map(|x| serde_json::Value::from(x.platforms.clone()).to_string())
-                .collect();
-            let unreplicated: Vec<bool> = f.iter().map(|x| x.unreplicated).collect();
-            sqlx::query(INSERT_FINDINGS)
-                .bind(&wu)
-                .bind(&hash)
-                .bind(&output)
-                .bind(&metrics)
-                .bind(&confidence)
-                .bind(&agreeing)
-                .bind(&dissenting)
-                .bind(&platforms)
-                .bind(&unreplicated)
-                .execute(&mut **tx)
-                .await?;
-        }
-        if !self.credits.is_empty() {
-            let workers: Vec<Uuid> = self.credits.iter().map(|c| c.0).collect();
-            let kinds: Vec<&str> = self.credits.iter().map(|c| c.1.as_str()).collect();
-            sqlx::query(CREDIT)
-                .bind(&workers)
-                .bind(&kinds)
-                .bind(scheduler::QUOTA_STEP)
-                .bind(scheduler::QUOTA_MAX)
-                .execute(&mut **tx)
-                .await?;
+
+        let w = &self.wu_changes;
+        let wu_ids: Vec<i64> = w.iter().map(|w| w.id).collect();
+        let wu_state: Vec<&str> = w
+            .iter()
+            .map(|w| match w.state {
+                WuState::Pending => "pending",
+                WuState::Validated => "validated",
+                WuState::Failed => "failed",
+                WuState::Cancelled => "cancelled",
+            })
+            .collect();
+        let unsent: Vec<i32> = w.iter().map(|w| w.unsent).collect();
+        let reason: Vec<Option<&str>> = w.iter().map(|w| w.fail_reason.as_deref()).collect();
+        let canonical: Vec<Option<i64>> = w.iter().map(|w| w.canonical).collect();
+
+        let f = &self.findings;
+        let f_wu: Vec<i64> = f.iter().map(|x| x.wu_id).collect();
+        let f_hash: Vec<&[u8]> = f.iter().map(|x| x.output_hash.as_slice()).collect();
+        let f_output: Vec<&[u8]> = f.iter().map(|x| x.output.as_slice()).collect();
+        let f_metrics: Vec<&str> = f.iter().map(|x| x.metrics.as_str()).collect();
+        let f_confidence: Vec<f64> = f.iter().map(|x| x.confidence).collect();
+        let f_agreeing: Vec<String> = f
+            .iter()
+            .map(|x| serde_json::Value::from(x.agreeing.clone()).to_string())
+            .collect();
+        let f_dissenting: Vec<i32> = f.iter().map(|x| x.dissenting).collect();
+        let f_platforms: Vec<String> = f
+            .iter()
+            .map(|x| serde_json::Value::from(x.platforms.clone()).to_string())
+            .collect();
+        let f_unreplicated: Vec<bool> = f.iter().map(|x| x.unreplicated).collect();
+
+        let workers: Vec<Uuid> = self.credits.iter().map(|c| c.0).collect();
+        let kinds: Vec<&str> = self.credits.iter().map(|c| c.1.as_str()).collect();
+
+        let written: i64 = sqlx::query_scalar(WRITE_BATCH)
+            .bind(&ids)
+            .bind(&from)
+            .bind(&state)
+            .bind(&vstate)
+            .bind(&output)
+            .bind(&hash)
+            .bind(&kind)
+            .bind(&message)
+            .bind(&reported)
+            .bind(&fuel)
+            .bind(&wall)
+            .bind(&wu_ids)
+            .bind(&wu_state)
+            .bind(&unsent)
+            .bind(&reason)
+            .bind(&canonical)
+            .bind(&f_wu)
+            .bind(&f_hash)
+            .bind(&f_output)
+            .bind(&f_metrics)
+            .bind(&f_confidence)
+            .bind(&f_agreeing)
+            .bind(&f_dissenting)
+            .bind(&f_platforms)
+            .bind(&f_unreplicated)
+            .bind(&workers)
+            .bind(&kinds)
+            .bind(scheduler::QUOTA_STEP)
+            .bind(scheduler::QUOTA_MAX)
+            .fetch_one(&mut **tx)
+            .await?;
+        if written != n as i64 {
+            // Only possible if a replica changed without its work unit's lock: refuse to commit
+            // rather than record a decision taken on a stale view.
+            return Err(Error::Internal(format!(
+                "{} of {n} replicas changed under their work unit's lock",
+                n as i64 - written
+            )));
         }
         Ok(())
     }
