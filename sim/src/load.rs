@@ -430,6 +430,10 @@ impl Fleet {
         round: Option<Duration>,
     ) -> anyhow::Result<Fleet> {
         anyhow::ensure!(!urls.is_empty(), "no server to talk to");
+        // Account names are unique per database: a run that starts several fleets (the
+        // probes of `--mode submit`) numbers them.
+        static FLEETS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let fleet = FLEETS.fetch_add(1, Ordering::Relaxed);
         let mut registering = Vec::with_capacity(n);
         for i in 0..n {
             let url = urls[i % urls.len()].clone();
@@ -440,7 +444,7 @@ impl Fleet {
                     .max_encoding_message_size(MAX_MESSAGE_BYTES);
                 let account_key = retry_shed(i, || {
                     let mut client = client.clone();
-                    let name = format!("load-account-{i}");
+                    let name = format!("load-account-{fleet}-{i}");
                     async move {
                         client
                             .create_account(pb::CreateAccountRequest { name })
