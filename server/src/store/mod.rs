@@ -539,6 +539,7 @@ impl Store {
                  LIMIT 2 * (SELECT allowed FROM lim)
                  FOR UPDATE SKIP LOCKED
              ), behind AS (
+                 -- `ahead` again, but for the lanes before the starting one.
                  SELECT w.id, w.adaptive, w.n_issued FROM work_units w
                  WHERE w.id % 16 < $7 AND w.state = 'pending' AND w.unsent > 0
                    AND NOT EXISTS (SELECT 1 FROM replicas r
