@@ -38,15 +38,7 @@ async fn fetch(
     max: u32,
     resume: bool,
 ) -> Result<Vec<pb::Assignment>, tonic::Status> {
-    app.worker_client()
-        .await
-        .fetch_work(pb::FetchWorkRequest {
-            auth: Some(auth.clone()),
-            max,
-            resume,
-        })
-        .await
-        .map(|r| r.into_inner().assignments)
+    app.fetch_as(auth, max, resume).await
 }
 
 async fn report(
@@ -54,16 +46,8 @@ async fn report(
     auth: &pb::WorkerAuth,
     results: Vec<pb::ReplicaResult>,
 ) -> Vec<pb::ReportStatus> {
-    app.worker_client()
+    app.report_as(auth, results)
         .await
-        .report_results(pb::ReportResultsRequest {
-            auth: Some(auth.clone()),
-            results,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .acks
         .iter()
         .map(|a| a.status())
         .collect()

@@ -23,15 +23,7 @@ async fn fetch(
     auth: &pb::WorkerAuth,
     max: u32,
 ) -> Result<Vec<pb::Assignment>, tonic::Status> {
-    app.worker_client()
-        .await
-        .fetch_work(pb::FetchWorkRequest {
-            auth: Some(auth.clone()),
-            max,
-            resume: false,
-        })
-        .await
-        .map(|r| r.into_inner().assignments)
+    app.fetch_as(auth, max, false).await
 }
 
 fn failure(replica_id: u64) -> pb::ReplicaResult {
@@ -47,17 +39,7 @@ fn failure(replica_id: u64) -> pb::ReplicaResult {
 }
 
 async fn report(app: &TestApp, auth: &pb::WorkerAuth, results: Vec<pb::ReplicaResult>) {
-    let acks = app
-        .worker_client()
-        .await
-        .report_results(pb::ReportResultsRequest {
-            auth: Some(auth.clone()),
-            results,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .acks;
+    let acks = app.report_as(auth, results).await;
     assert!(
         acks.iter()
             .all(|a| a.status() == pb::ReportStatus::Accepted),

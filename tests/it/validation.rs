@@ -19,33 +19,17 @@ fn success(replica_id: u64, output: &[u8]) -> pb::ReplicaResult {
 }
 
 async fn fetch_one(app: &TestApp, auth: &pb::WorkerAuth) -> pb::Assignment {
-    let r = app
-        .worker_client()
-        .await
-        .fetch_work(pb::FetchWorkRequest {
-            auth: Some(auth.clone()),
-            max: 1,
-            resume: false,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(r.assignments.len(), 1, "{r:?}");
-    r.assignments.into_iter().next().unwrap()
+    let got = app.fetch_as(auth, 1, false).await.unwrap();
+    assert_eq!(got.len(), 1, "{got:?}");
+    got.into_iter().next().unwrap()
 }
 
 async fn report(app: &TestApp, auth: &pb::WorkerAuth, result: pb::ReplicaResult) -> pb::ReportAck {
-    let r = app
-        .worker_client()
+    app.report_as(auth, vec![result])
         .await
-        .report_results(pb::ReportResultsRequest {
-            auth: Some(auth.clone()),
-            results: vec![result],
-        })
-        .await
+        .into_iter()
+        .next()
         .unwrap()
-        .into_inner();
-    r.acks.into_iter().next().unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -294,23 +278,6 @@ async fn fetch_all(app: &TestApp, auth: &pb::WorkerAuth) -> std::collections::BT
     }
 }
 
-async fn report_all(
-    app: &TestApp,
-    auth: &pb::WorkerAuth,
-    results: Vec<pb::ReplicaResult>,
-) -> Vec<pb::ReportAck> {
-    app.worker_client()
-        .await
-        .report_results(pb::ReportResultsRequest {
-            auth: Some(auth.clone()),
-            results,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .acks
-}
-
 /// One large report mixing every kind of result (successes that complete a quorum, that wait,
 /// that disagree; errors; hand-backs; duplicates and conflicting repeats; another worker's
 /// replicas; an unknown id; late results on settled units, right and wrong) leaves exactly the
@@ -410,7 +377,7 @@ async fn a_large_mixed_report_batch_leaves_exactly_the_expected_rows() {
         .map(|(i, wu, _)| success(ra[&wu], &right(i)))
         .collect();
     assert!(
-        report_all(&app, &a, a_results)
+        app.report_as(&a, a_results)
             .await
             .iter()
             .all(|k| k.status() == pb::ReportStatus::Accepted)
@@ -419,7 +386,7 @@ async fn a_large_mixed_report_batch_leaves_exactly_the_expected_rows() {
         .filter(|(_, _, g)| g.starts_with("late"))
         .map(|(i, wu, _)| success(rc[&wu], &right(i)))
         .collect();
-    report_all(&app, &c, c_results).await;
+    app.report_as(&c, c_results).await;
     // B's earlier results.
     let b_before = units()
         .filter_map(|(i, wu, g)| match g {
@@ -428,7 +395,7 @@ async fn a_large_mixed_report_batch_leaves_exactly_the_expected_rows() {
             _ => None,
         })
         .collect();
-    report_all(&app, &b, b_before).await;
+    app.report_as(&b, b_before).await;
 
     // The big batch, interleaved (every third unit from the end first) so that no kind is
     // contiguous, with what each result should be acknowledged as.
@@ -462,7 +429,7 @@ async fn a_large_mixed_report_batch_leaves_exactly_the_expected_rows() {
     }
     batch.push(success(9_000_000_000, &right(0)));
     expected.push((Rejected, 9_000_000_000));
-    let acks = report_all(&app, &b, batch).await;
+    let acks = app.report_as(&b, batch).await;
     let got: Vec<(pb::ReportStatus, u64)> =
         acks.iter().map(|k| (k.status(), k.replica_id)).collect();
     assert_eq!(got, expected);

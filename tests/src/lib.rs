@@ -317,6 +317,42 @@ impl TestApp {
             .max_encoding_message_size(MAX_MESSAGE_BYTES)
     }
 
+    /// A hand-driven worker's FetchWork: what it was handed, or the refusal.
+    pub async fn fetch_as(
+        &self,
+        auth: &pb::WorkerAuth,
+        max: u32,
+        resume: bool,
+    ) -> Result<Vec<pb::Assignment>, tonic::Status> {
+        self.worker_client()
+            .await
+            .fetch_work(pb::FetchWorkRequest {
+                auth: Some(auth.clone()),
+                max,
+                resume,
+            })
+            .await
+            .map(|r| r.into_inner().assignments)
+    }
+
+    /// A hand-driven worker's ReportResults: one ack per result, in order.
+    pub async fn report_as(
+        &self,
+        auth: &pb::WorkerAuth,
+        results: Vec<pb::ReplicaResult>,
+    ) -> Vec<pb::ReportAck> {
+        self.worker_client()
+            .await
+            .report_results(pb::ReportResultsRequest {
+                auth: Some(auth.clone()),
+                results,
+            })
+            .await
+            .expect("ReportResults")
+            .into_inner()
+            .acks
+    }
+
     /// Registers a hand-driven worker and returns its credentials.
     pub async fn register(&self, name: &str) -> pb::WorkerAuth {
         self.register_as(name, "", "x86_64").await
