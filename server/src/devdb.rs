@@ -78,15 +78,22 @@ impl DevDb {
         })
     }
 
-    /// Makes a private cluster under `scratch` (what `start` falls back to).
+    /// Makes a private cluster under `scratch`, or under the system's temporary directory when
+    /// run as root (what `start` falls back to).
     pub async fn cluster(scratch: &Path, name: &str) -> anyhow::Result<DevDb> {
         let bin = pg_bin_dir().context(
             "no PostgreSQL server at 127.0.0.1:5432 and no initdb found: set DATABASE_URL or install PostgreSQL",
         )?;
-        let dir = std::path::absolute(scratch.join(format!("pg-{name}")))?;
-        std::fs::create_dir_all(&dir)?;
-        // initdb refuses to run as root; run the cluster as the postgres user then.
+        // initdb refuses to run as root; run the cluster as the postgres user then, in the
+        // system's temporary directory: `scratch` may sit under a directory that user cannot
+        // enter (a checkout in /root, or in a `mktemp -d`).
         let as_postgres = is_root();
+        let dir = if as_postgres {
+            std::env::temp_dir().join(format!("accrete-pg-{name}-{}", std::process::id()))
+        } else {
+            std::path::absolute(scratch.join(format!("pg-{name}")))?
+        };
+        std::fs::create_dir_all(&dir)?;
         if as_postgres {
             run(Command::new("chown").arg("-R").arg("postgres").arg(&dir))?;
         }
@@ -112,6 +119,14 @@ impl DevDb {
         };
         db.start_cluster()?;
         Ok(db)
+    }
+
+    /// Where a private cluster keeps its data and socket (`None` for a database on a server).
+    pub fn cluster_dir(&self) -> Option<&Path> {
+        match &self.kind {
+            Kind::Cluster { dir, .. } => Some(dir),
+            _ => None,
+        }
     }
 
     /// Stops a private cluster's PostgreSQL as a crash would (`pg_ctl stop -m immediate`),
@@ -212,7 +227,10 @@ fn remove_cluster(dir: &Path, pg_ctl: &Path, as_postgres: bool) -> anyhow::Resul
 fn pg_command(program: &Path, as_postgres: bool) -> Command {
     if as_postgres {
         let mut c = Command::new("runuser");
-        c.args(["-u", "postgres", "--"]).arg(program);
+        // From a directory the postgres user may enter, whatever the caller's is.
+        c.args(["-u", "postgres", "--"])
+            .arg(program)
+            .current_dir("/");
         c
     } else {
         Command::new(program)

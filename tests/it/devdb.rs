@@ -20,7 +20,7 @@ async fn a_private_cluster_serves_the_schema_and_is_removed_on_stop() {
         .unwrap();
     assert_eq!(modules, 0);
     store.pool().close().await;
-    let dir = scratch.join(format!("pg-{name}"));
+    let dir = db.cluster_dir().expect("a private cluster").to_path_buf();
     assert!(dir.exists());
     db.stop().await.expect("stopping the private cluster");
     assert!(!dir.exists(), "the cluster's directory is removed");
