@@ -9,6 +9,7 @@ mod e2e;
 mod faults;
 mod ledger;
 mod ops;
+mod plans;
 mod scale_out;
 mod sim;
 mod trust;

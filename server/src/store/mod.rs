@@ -326,6 +326,8 @@ impl Store {
         // runs PostgreSQL may switch to a generic plan costed on the statistics of that moment.
         // A connection opened while `replicas` was nearly empty then keeps a sequential scan of
         // it for the report's `wu_id = ANY(..)` read as the table grows to millions of rows.
+        // The hot path is the exception, its statements written for one generic plan each
+        // (`Store::begin_hot`).
         let options: PgConnectOptions = url
             .parse::<PgConnectOptions>()
             .map_err(Error::Database)?
@@ -477,7 +479,8 @@ impl Store {
         Ok(created)
     }
 
-    /// Hands up to `max` replicas to a worker in one statement. It locks the worker's row and
+    /// Hands up to `max` replicas to a worker in one statement (in a transaction of the hot
+    /// path, for its plan: `Store::begin_hot`). It locks the worker's row and
     /// then its account's (so both daily quotas are counted exactly, whichever of the account's
     /// machines claim at once), looks at the next pending work units that still want replicas
     /// and that neither this worker nor any worker of its account holds (locking them, skipping
@@ -502,109 +505,19 @@ impl Store {
     /// every claim walked past the units all the others had just locked.
     pub async fn claim(&self, worker: Uuid, max: i64) -> Result<Vec<Claimed>, Error> {
         let lane = rand::random_range(0..DISPATCH_LANES) as i32;
-        Ok(sqlx::query_as::<_, Claimed>(
-            "WITH me AS (
-                 SELECT k.id, k.account, k.arch || '/' || k.os AS platform,
-                        GREATEST(LEAST($2, k.daily_quota::bigint
-                            - CASE WHEN k.quota_day = (now() AT TIME ZONE 'UTC')::date
-                                   THEN k.quota_used ELSE 0 END), 0) AS allowed,
-                        CASE WHEN k.consecutive_valid >= $3
-                                  AND (k.invalid_count + $5)::float8
-                                      / (k.valid_count + k.invalid_count + $5 + $6) <= $4
-                             THEN 1.0 / k.consecutive_valid ELSE 1.0 END AS spot_check
-                 FROM workers k WHERE k.id = $1 AND NOT k.blocked
-                 FOR NO KEY UPDATE
-             ), acct AS (
-                 SELECT a.name,
-                        GREATEST(a.daily_quota::bigint
-                            - CASE WHEN a.quota_day = (now() AT TIME ZONE 'UTC')::date
-                                   THEN a.quota_used ELSE 0 END, 0) AS left_today
-                 FROM accounts a WHERE a.name = (SELECT account FROM me)
-                 FOR NO KEY UPDATE
-             ), lim AS (
-                 -- Always one row: a NULL limit would mean no limit at all.
-                 SELECT coalesce((SELECT LEAST(me.allowed,
-                                               coalesce((SELECT left_today FROM acct), me.allowed))
-                                  FROM me), 0) AS allowed
-             ), ahead AS (
-                 SELECT w.id, w.adaptive, w.n_issued FROM work_units w
-                 WHERE w.id % 16 >= $7 AND w.state = 'pending' AND w.unsent > 0
-                   AND NOT EXISTS (SELECT 1 FROM replicas r
-                                   WHERE r.wu_id = w.id
-                                     AND (r.worker_id = $1 OR r.account = (SELECT account FROM me))
-                                   OFFSET 0)
-                   AND NOT EXISTS (SELECT 1 FROM wu_exclusions x
-                                   WHERE x.wu_id = w.id AND x.worker_id = $1 OFFSET 0)
-                 ORDER BY w.id % 16, w.id
-                 LIMIT 2 * (SELECT allowed FROM lim)
-                 FOR UPDATE SKIP LOCKED
-             ), behind AS (
-                 -- `ahead` again, but for the lanes before the starting one.
-                 SELECT w.id, w.adaptive, w.n_issued FROM work_units w
-                 WHERE w.id % 16 < $7 AND w.state = 'pending' AND w.unsent > 0
-                   AND NOT EXISTS (SELECT 1 FROM replicas r
-                                   WHERE r.wu_id = w.id
-                                     AND (r.worker_id = $1 OR r.account = (SELECT account FROM me))
-                                   OFFSET 0)
-                   AND NOT EXISTS (SELECT 1 FROM wu_exclusions x
-                                   WHERE x.wu_id = w.id AND x.worker_id = $1 OFFSET 0)
-                 ORDER BY w.id % 16, w.id
-                 LIMIT 2 * (SELECT allowed FROM lim)
-                 FOR UPDATE SKIP LOCKED
-             ), candidates AS (
-                 -- A CTE runs, and locks, only as far as its reader reads: `behind` only when
-                 -- `ahead` is short.
-                 SELECT * FROM (SELECT * FROM ahead UNION ALL SELECT * FROM behind) u
-                 LIMIT 2 * (SELECT allowed FROM lim)
-             ), picked AS (
-                 SELECT c.id, c.adaptive AND c.n_issued = 0 AND random() >= me.spot_check AS solo
-                 FROM candidates c CROSS JOIN me
-                 ORDER BY EXISTS (SELECT 1 FROM replicas r
-                                  WHERE r.wu_id = c.id AND r.platform = me.platform OFFSET 0), c.id
-                 LIMIT (SELECT allowed FROM lim)
-             ), taken AS (
-                 UPDATE work_units w
-                 SET unsent = CASE WHEN p.solo THEN 0 ELSE w.unsent - 1 END,
-                     n_issued = w.n_issued + 1
-                 FROM picked p WHERE w.id = p.id
-                 RETURNING w.id, w.module_hash, w.input, w.input_hash, w.fuel, w.memory_bytes,
-                           w.output_bytes, w.wall_ms, w.delay_bound_secs, p.solo
-             ), made AS (
-                 INSERT INTO replicas (wu_id, worker_id, account, platform, deadline, solo)
-                 SELECT t.id, $1, me.account, me.platform,
-                        now() + make_interval(secs => t.delay_bound_secs), t.solo
-                 FROM taken t CROSS JOIN me
-                 RETURNING id, wu_id, deadline
-             ), counted AS (
-                 UPDATE workers k
-                 SET quota_used = (CASE WHEN k.quota_day = (now() AT TIME ZONE 'UTC')::date
-                                        THEN k.quota_used ELSE 0 END)
-                                  + (SELECT count(*) FROM taken),
-                     quota_day = (now() AT TIME ZONE 'UTC')::date
-                 WHERE k.id = $1 AND EXISTS (SELECT 1 FROM taken)
-             ), counted_account AS (
-                 UPDATE accounts a
-                 SET quota_used = (CASE WHEN a.quota_day = (now() AT TIME ZONE 'UTC')::date
-                                        THEN a.quota_used ELSE 0 END)
-                                  + (SELECT count(*) FROM taken),
-                     quota_day = (now() AT TIME ZONE 'UTC')::date
-                 FROM acct WHERE a.name = acct.name AND EXISTS (SELECT 1 FROM taken)
-             )
-             SELECT m.id AS replica_id, t.id AS wu_id, t.module_hash, t.input, t.input_hash,
-                    t.fuel, t.memory_bytes, t.output_bytes, t.wall_ms,
-                    extract(epoch FROM m.deadline)::bigint AS deadline_unix
-             FROM made m JOIN taken t ON t.id = m.wu_id
-             ORDER BY m.id",
-        )
-        .bind(worker)
-        .bind(max)
-        .bind(scheduler::TRUST_AFTER_CONSECUTIVE_VALID)
-        .bind(scheduler::TRUST_MAX_ERROR_RATE)
-        .bind(scheduler::PRIOR_WRONG)
-        .bind(scheduler::PRIOR_RIGHT)
-        .bind(lane)
-        .fetch_all(&self.pool)
-        .await?)
+        let mut tx = self.begin_hot().await?;
+        let claimed = sqlx::query_as::<_, Claimed>(CLAIM)
+            .bind(worker)
+            .bind(max)
+            .bind(scheduler::TRUST_AFTER_CONSECUTIVE_VALID)
+            .bind(scheduler::TRUST_MAX_ERROR_RATE)
+            .bind(scheduler::PRIOR_WRONG)
+            .bind(scheduler::PRIOR_RIGHT)
+            .bind(lane)
+            .fetch_all(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(claimed)
     }
 
     /// Progress of one study, or of all of them (`None`).
@@ -894,6 +807,135 @@ fn params_of(input: &[u8]) -> Option<String> {
 /// PostgreSQL refuses (a refused value would fail the whole report, again on every retry).
 pub fn clean_text(s: &str, max: usize) -> String {
     s.chars().filter(|&c| c != '\0').take(max).collect()
+}
+
+/// The claim ([`Store::claim`]).
+const CLAIM: &str = "WITH me AS (
+        SELECT k.id, k.account, k.arch || '/' || k.os AS platform,
+               GREATEST(LEAST($2, k.daily_quota::bigint
+                   - CASE WHEN k.quota_day = (now() AT TIME ZONE 'UTC')::date
+                          THEN k.quota_used ELSE 0 END), 0) AS allowed,
+               CASE WHEN k.consecutive_valid >= $3
+                         AND (k.invalid_count + $5)::float8
+                             / (k.valid_count + k.invalid_count + $5 + $6) <= $4
+                    THEN 1.0 / k.consecutive_valid ELSE 1.0 END AS spot_check
+        FROM workers k WHERE k.id = $1 AND NOT k.blocked
+        FOR NO KEY UPDATE
+    ), acct AS (
+        SELECT a.name,
+               GREATEST(a.daily_quota::bigint
+                   - CASE WHEN a.quota_day = (now() AT TIME ZONE 'UTC')::date
+                          THEN a.quota_used ELSE 0 END, 0) AS left_today
+        FROM accounts a WHERE a.name = (SELECT account FROM me)
+        FOR NO KEY UPDATE
+    ), lim AS (
+        -- Always one row: a NULL limit would mean no limit at all.
+        SELECT coalesce((SELECT LEAST(me.allowed,
+                                      coalesce((SELECT left_today FROM acct), me.allowed))
+                         FROM me), 0) AS allowed
+    ), ahead AS (
+        SELECT w.id, w.adaptive, w.n_issued FROM work_units w
+        WHERE w.id % 16 >= $7 AND w.state = 'pending' AND w.unsent > 0
+          AND NOT EXISTS (SELECT 1 FROM replicas r
+                          WHERE r.wu_id = w.id
+                            AND (r.worker_id = $1 OR r.account = (SELECT account FROM me))
+                          OFFSET 0)
+          AND NOT EXISTS (SELECT 1 FROM wu_exclusions x
+                          WHERE x.wu_id = w.id AND x.worker_id = $1 OFFSET 0)
+        ORDER BY w.id % 16, w.id
+        LIMIT 2 * (SELECT allowed FROM lim)
+        FOR UPDATE SKIP LOCKED
+    ), behind AS (
+        -- `ahead` again, but for the lanes before the starting one.
+        SELECT w.id, w.adaptive, w.n_issued FROM work_units w
+        WHERE w.id % 16 < $7 AND w.state = 'pending' AND w.unsent > 0
+          AND NOT EXISTS (SELECT 1 FROM replicas r
+                          WHERE r.wu_id = w.id
+                            AND (r.worker_id = $1 OR r.account = (SELECT account FROM me))
+                          OFFSET 0)
+          AND NOT EXISTS (SELECT 1 FROM wu_exclusions x
+                          WHERE x.wu_id = w.id AND x.worker_id = $1 OFFSET 0)
+        ORDER BY w.id % 16, w.id
+        LIMIT 2 * (SELECT allowed FROM lim)
+        FOR UPDATE SKIP LOCKED
+    ), candidates AS (
+        -- A CTE runs, and locks, only as far as its reader reads: `behind` only when
+        -- `ahead` is short.
+        SELECT * FROM (SELECT * FROM ahead UNION ALL SELECT * FROM behind) u
+        LIMIT 2 * (SELECT allowed FROM lim)
+    ), picked AS (
+        SELECT c.id, c.adaptive AND c.n_issued = 0 AND random() >= me.spot_check AS solo
+        FROM candidates c CROSS JOIN me
+        ORDER BY EXISTS (SELECT 1 FROM replicas r
+                         WHERE r.wu_id = c.id AND r.platform = me.platform OFFSET 0), c.id
+        LIMIT (SELECT allowed FROM lim)
+    ), taken AS (
+        UPDATE work_units w
+        SET unsent = CASE WHEN p.solo THEN 0 ELSE w.unsent - 1 END,
+            n_issued = w.n_issued + 1
+        FROM picked p WHERE w.id = p.id
+        RETURNING w.id, w.module_hash, w.input, w.input_hash, w.fuel, w.memory_bytes,
+                  w.output_bytes, w.wall_ms, w.delay_bound_secs, p.solo
+    ), made AS (
+        INSERT INTO replicas (wu_id, worker_id, account, platform, deadline, solo)
+        SELECT t.id, $1, me.account, me.platform,
+               now() + make_interval(secs => t.delay_bound_secs), t.solo
+        FROM taken t CROSS JOIN me
+        RETURNING id, wu_id, deadline
+    ), counted AS (
+        UPDATE workers k
+        SET quota_used = (CASE WHEN k.quota_day = (now() AT TIME ZONE 'UTC')::date
+                               THEN k.quota_used ELSE 0 END)
+                         + (SELECT count(*) FROM taken),
+            quota_day = (now() AT TIME ZONE 'UTC')::date
+        WHERE k.id = $1 AND EXISTS (SELECT 1 FROM taken)
+    ), counted_account AS (
+        UPDATE accounts a
+        SET quota_used = (CASE WHEN a.quota_day = (now() AT TIME ZONE 'UTC')::date
+                               THEN a.quota_used ELSE 0 END)
+                         + (SELECT count(*) FROM taken),
+            quota_day = (now() AT TIME ZONE 'UTC')::date
+        WHERE a.name = (SELECT name FROM acct) AND EXISTS (SELECT 1 FROM taken)
+    )
+    SELECT m.id AS replica_id, t.id AS wu_id, t.module_hash, t.input, t.input_hash,
+           t.fuel, t.memory_bytes, t.output_bytes, t.wall_ms,
+           extract(epoch FROM m.deadline)::bigint AS deadline_unix
+    FROM made m JOIN taken t ON t.id = m.wu_id
+    ORDER BY m.id";
+
+/// Opens a transaction of the hot path (claims and reports), whose statements are planned once
+/// per connection rather than at every execution (see ARCHITECTURE.md, "Plans"). Planning each
+/// execution afresh (`force_custom_plan`, the session's default) cost about a quarter of the
+/// database's CPU at 5,000 replicas/s. Every statement of the hot path names its rows by key
+/// (`= ANY($n)` on a primary key, the claim's lanes of `work_units_dispatch`, the probes of
+/// `(wu_id, worker_id)`), so one generic plan of index probes is right at any table size. But
+/// the planner costs a generic plan on the statistics of the moment, and those of an empty or
+/// young table (a fresh database) make a full scan look as cheap as a probe; that plan would
+/// then stay until the next ANALYZE. So sequential scans, hash joins and merge joins are ruled
+/// out here, and the statements are written to leave the planner no full index scan worth
+/// taking (no `ORDER BY` that an index could serve instead of the key condition).
+/// `tests/it/plans.rs` checks the plans on a fresh database. One round trip: a simple query may
+/// hold several statements.
+const BEGIN_HOT: &str = "BEGIN; SET LOCAL plan_cache_mode = force_generic_plan; \
+    SET LOCAL enable_seqscan = off; SET LOCAL enable_hashjoin = off; \
+    SET LOCAL enable_mergejoin = off";
+
+/// The statements run in [`BEGIN_HOT`] transactions, by name, for `tests/it/plans.rs`.
+pub const HOT_STATEMENTS: &[(&str, &str)] = &[
+    ("claim", CLAIM),
+    ("lock work units of replicas", report::LOCK_WUS_OF_REPLICAS),
+    ("replicas of work units", report::REPLICAS_OF),
+    ("write batch", report::WRITE_BATCH),
+];
+
+/// The first statement of a [`BEGIN_HOT`] transaction, for `tests/it/plans.rs`.
+pub const HOT_TRANSACTION: &str = BEGIN_HOT;
+
+impl Store {
+    /// A transaction of the hot path; see [`BEGIN_HOT`].
+    pub(crate) async fn begin_hot(&self) -> Result<Transaction<'static, Postgres>, Error> {
+        Ok(self.pool.begin_with(BEGIN_HOT).await?)
+    }
 }
 
 /// Lanes of the claim's queue: `work_units_dispatch` leads with `id % 16` (migration

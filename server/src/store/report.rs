@@ -95,21 +95,25 @@ macro_rules! lock_wus_sql {
 
 /// Locks the work units of the reported replicas, in id order, in one statement. The lookup
 /// may share the statement: a replica's `wu_id` never changes, and every replica reported was
-/// handed out by a committed claim, so the statement's snapshot already holds it.
-const LOCK_WUS_OF_REPLICAS: &str =
-    lock_wus_sql!("w.id IN (SELECT r.wu_id FROM replicas r WHERE r.id = ANY($1))");
+/// handed out by a committed claim, so the statement's snapshot already holds it. The units
+/// are named by an array, not by `IN (subquery)`: a semi-join lets a generic plan read the
+/// replicas through another index in `wu_id` order (see `Store::begin_hot`).
+pub(super) const LOCK_WUS_OF_REPLICAS: &str =
+    lock_wus_sql!("w.id = ANY(ARRAY(SELECT r.wu_id FROM replicas r WHERE r.id = ANY($1)))");
 const LOCK_WUS: &str = lock_wus_sql!("w.id = ANY($1)");
 
 /// Every replica of the locked units. It must be its own statement, after the locks: a
 /// statement that waited for a lock sees the locked row's newest version but the rest of the
 /// database as of its start. `$2` names canonical replicas whose finding's metrics are needed.
-const REPLICAS_OF: &str = "
+/// Unordered (the caller sorts): an `ORDER BY r.id` would let a generic plan walk the whole
+/// primary key in order instead of probing `(wu_id, worker_id)`.
+pub(super) const REPLICAS_OF: &str = "
     SELECT r.id, r.wu_id, r.worker_id, r.state, r.validate_state, r.output_hash, r.output,
            r.error_kind, r.error_message, r.solo, r.platform, k.valid_count, k.invalid_count,
            k.consecutive_valid,
            CASE WHEN r.id = ANY($2) THEN (SELECT f.metrics FROM findings f WHERE f.wu_id = r.wu_id)
            END AS canonical_metrics
-    FROM replicas r JOIN workers k ON k.id = r.worker_id WHERE r.wu_id = ANY($1) ORDER BY r.id";
+    FROM replicas r JOIN workers k ON k.id = r.worker_id WHERE r.wu_id = ANY($1)";
 
 /// Everything a batch decided, written in one statement (one round trip while the work units
 /// are locked, where four separate statements left the transaction idle between them):
@@ -117,7 +121,11 @@ const REPLICAS_OF: &str = "
 /// - `rep`: every changed replica, each compare-and-set on the state it was read in (the
 ///   statement returns how many matched). Rows only given a verdict keep their report's time
 ///   and fuel.
-/// - `wus`: every work unit the transitioner moved, compare-and-set from `pending`.
+/// - `wus`: every work unit the transitioner moved, compare-and-set from `pending` (compared
+///   as text, so that it is never an index condition that `work_units_study` could serve).
+///
+/// Each part names its rows by key (`id = ANY($n)`) besides joining on it, so that its
+/// generic plan probes the primary key whatever the statistics (see `Store::begin_hot`).
 /// - `fnd`: the findings of every unit validated by this batch, in work unit order; what the
 ///   work unit already holds (study, hashes, parameters) is taken from its row, which `wus`
 ///   does not change in those columns (the parts of one statement share its snapshot). Per-row
@@ -134,7 +142,7 @@ const REPLICAS_OF: &str = "
 ///
 /// Every part runs to completion whether or not the final `SELECT` reads it; an empty array is
 /// a part that writes nothing.
-const WRITE_BATCH: &str = "
+pub(super) const WRITE_BATCH: &str = "
     WITH rep AS (
         UPDATE replicas r
         SET state = u.state::replica_state, validate_state = u.validate_state::validate_state,
@@ -147,7 +155,7 @@ const WRITE_BATCH: &str = "
                     $7::text[], $8::text[], $9::bool[], $10::bigint[], $11::bigint[])
              AS u(id, from_state, state, validate_state, output, output_hash, error_kind,
                   error_message, reported, fuel_used, wall_micros)
-        WHERE r.id = u.id AND r.state = u.from_state::replica_state
+        WHERE r.id = ANY($1) AND r.id = u.id AND r.state = u.from_state::replica_state
         RETURNING 1
     ), wus AS (
         UPDATE work_units w
@@ -156,7 +164,7 @@ const WRITE_BATCH: &str = "
             finished_at = CASE WHEN u.state = 'pending' THEN w.finished_at ELSE now() END
         FROM UNNEST($12::bigint[], $13::text[], $14::int[], $15::text[], $16::bigint[])
              AS u(id, state, unsent, fail_reason, canonical)
-        WHERE w.id = u.id AND w.state = 'pending'
+        WHERE w.id = ANY($12) AND w.id = u.id AND w.state::text = 'pending'
     ), fnd AS (
         INSERT INTO findings (wu_id, study_id, module_hash, input_hash, output_hash, output,
             metrics, params, confidence, agreeing_replicas, dissenting, platforms, unreplicated)
@@ -173,6 +181,7 @@ const WRITE_BATCH: &str = "
              AS u(wu_id, output_hash, output, metrics, confidence, agreeing, dissenting,
                   platforms, unreplicated)
         JOIN work_units w ON w.id = u.wu_id
+        WHERE w.id = ANY($17)
         ORDER BY w.id
     ), c AS (
         SELECT id, count(*) FILTER (WHERE kind = 'valid')::int AS nv,
@@ -182,7 +191,7 @@ const WRITE_BATCH: &str = "
                count(*) FILTER (WHERE kind = 'rejected')::int AS nr
         FROM UNNEST($26::uuid[], $27::text[]) AS t(id, kind) GROUP BY id
     ), locked AS MATERIALIZED (
-        SELECT k.id FROM workers k WHERE k.id IN (SELECT id FROM c)
+        SELECT k.id FROM workers k WHERE k.id = ANY($26) AND k.id IN (SELECT id FROM c)
         ORDER BY k.id FOR NO KEY UPDATE
     ), credited AS (
         UPDATE workers w
@@ -197,7 +206,7 @@ const WRITE_BATCH: &str = "
                     >> LEAST(c.ni + c.ne + c.nt + c.nr, 30),
                 1)
         FROM locked l JOIN c ON c.id = l.id
-        WHERE w.id = l.id
+        WHERE w.id = ANY($26) AND w.id = l.id
     )
     SELECT count(*) FROM rep";
 
@@ -317,6 +326,9 @@ impl Batch {
         for r in rows {
             batch.by_wu.entry(r.wu_id).or_default().push(r.id);
             batch.rows.insert(r.id, r);
+        }
+        for ids in batch.by_wu.values_mut() {
+            ids.sort_unstable();
         }
         Ok(batch)
     }
@@ -773,7 +785,8 @@ async fn lock(
 impl Store {
     /// Records a batch of results from one worker, then moves each touched work unit on. One
     /// transaction: either every acknowledged result is durable or none is. However many
-    /// results, it costs at most eight statements (BEGIN, lock, read, four writes, COMMIT).
+    /// results, it costs five statements (BEGIN, lock, read, write, COMMIT), each planned once per
+    /// connection (`Store::begin_hot`).
     /// Every refused report, plus `refused_before` (results the service refused before they
     /// reached the store, e.g. a forged hash), is counted against the worker in the same
     /// transaction.
@@ -793,7 +806,7 @@ impl Store {
         refused_before: usize,
     ) -> Result<Vec<Ack>, Error> {
         let ids: Vec<i64> = reports.iter().map(|r| r.replica_id).collect();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_hot().await?;
         let wus = lock(&mut tx, LOCK_WUS_OF_REPLICAS, &ids).await?;
         let mut batch = Batch::read(&mut tx, wus).await?;
         let mut acks = Vec::with_capacity(reports.len());
