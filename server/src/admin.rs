@@ -201,6 +201,6 @@ pub async fn keys_command(url: &str, command: KeysCommand) -> anyhow::Result<()>
             eprintln!("API key {id} revoked; servers refuse it within their cache TTL");
         }
     }
-    store.pool().close().await;
+    store.close().await;
     Ok(())
 }

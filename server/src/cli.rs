@@ -67,7 +67,8 @@ struct Args {
     /// Serve Prometheus metrics over HTTP at http://ADDR/metrics.
     #[arg(long, env = "ACCRETE_METRICS_LISTEN", value_name = "ADDR")]
     metrics_listen: Option<SocketAddr>,
-    /// Database connections in the pool.
+    /// Database connections for the hot path (claims, reports, credential checks); everything
+    /// else shares a quarter as many more (at least two).
     #[arg(long, env = "ACCRETE_DB_CONNECTIONS", default_value_t = 16)]
     db_connections: u32,
     /// Seconds between scans for replicas past their deadline.

@@ -246,7 +246,7 @@ async fn throughput_local(args: &Args, url: &str) -> anyhow::Result<ThroughputRe
     let mut r = measure(args, &servers.urls, Some(store.pool()), &servers.pids()).await?;
     r.db = Some(db_sizes(store.pool()).await?);
     servers.stop();
-    store.pool().close().await;
+    store.close().await;
     if args.ceiling_secs > 0.0 {
         r.ceiling = Some(
             ceiling(
@@ -1571,7 +1571,7 @@ async fn submit_local(args: &Args, url: &str) -> anyhow::Result<SubmitReport> {
     let big_probe = probe(args, &urls, &pids, wus).await?;
     let sizes = db_sizes(store.pool()).await?;
     servers.stop();
-    store.pool().close().await;
+    store.close().await;
     Ok(SubmitReport {
         processes: args.processes,
         small: small_probe,

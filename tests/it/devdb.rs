@@ -19,7 +19,7 @@ async fn a_private_cluster_serves_the_schema_and_is_removed_on_stop() {
         .await
         .unwrap();
     assert_eq!(modules, 0);
-    store.pool().close().await;
+    store.close().await;
     let dir = db.cluster_dir().expect("a private cluster").to_path_buf();
     assert!(dir.exists());
     db.stop().await.expect("stopping the private cluster");

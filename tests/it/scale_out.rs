@@ -143,6 +143,6 @@ async fn three_server_processes_on_one_database_hand_out_each_replica_once() {
     );
 
     servers.stop();
-    store.pool().close().await;
+    store.close().await;
     db.stop().await.unwrap();
 }

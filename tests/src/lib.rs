@@ -480,7 +480,7 @@ impl TestApp {
                 }
             }
         }
-        self.store.pool().close().await;
+        self.store.close().await;
         if let Some(db) = self.db.take() {
             db.stop().await.unwrap();
         }

@@ -64,6 +64,9 @@ const KEY_COLUMNS: &str = "id, name, role, prefix,
     extract(epoch FROM created_at)::bigint AS created_unix,
     extract(epoch FROM revoked_at)::bigint AS revoked_unix";
 
+/// A worker's credential check (on the hot pool: see `store::HOT_STATEMENTS`).
+pub(super) const WORKER_CREDENTIAL: &str = "SELECT token_hash, blocked FROM workers WHERE id = $1";
+
 impl Store {
     /// Stores a new key's hash; returns its id.
     pub async fn create_api_key(
@@ -160,13 +163,12 @@ impl Store {
         )
     }
 
+    /// On the hot path's pool: every worker call checks its credential.
     pub async fn worker_credential(&self, id: Uuid) -> Result<Option<WorkerCredential>, Error> {
-        Ok(sqlx::query_as::<_, WorkerCredential>(
-            "SELECT token_hash, blocked FROM workers WHERE id = $1",
-        )
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await?)
+        Ok(sqlx::query_as::<_, WorkerCredential>(WORKER_CREDENTIAL)
+            .bind(id)
+            .fetch_optional(&self.hot)
+            .await?)
     }
 
     /// The key that owns a study: `None` if there is no such study, `Some(None)` if it has no

@@ -314,43 +314,52 @@ pub struct FailureRow {
 #[derive(Clone)]
 pub struct Store {
     pub(crate) pool: PgPool,
+    /// Connections for the hot path's statements only (see [`HOT_SETTINGS`]).
+    hot: PgPool,
 }
 
 impl Store {
-    /// Connects, and applies the embedded migrations.
+    /// Connects, and applies the embedded migrations. `max_connections` is the hot path's pool;
+    /// everything else shares a quarter of that (at least two).
     pub async fn connect(url: &str, max_connections: u32) -> Result<Store, Error> {
-        // No JIT: every statement here is short, and with a large queue the planner's cost
-        // estimate for the claim crosses `jit_above_cost`, so each claim would spend 300-600 ms
-        // compiling (JIT code is not cached across executions). See BENCHMARKS.md, "Hot path".
-        // Custom plans always: sqlx prepares each statement once per connection, and after five
-        // runs PostgreSQL may switch to a generic plan costed on the statistics of that moment.
-        // A connection opened while `replicas` was nearly empty then keeps a sequential scan of
-        // it for the report's `wu_id = ANY(..)` read as the table grows to millions of rows.
-        // The hot path is the exception, its statements written for one generic plan each
-        // (`Store::begin_hot`).
-        let options: PgConnectOptions = url
-            .parse::<PgConnectOptions>()
-            .map_err(Error::Database)?
-            // Nor parallel workers: they cost more to start than these statements take.
-            .options([
-                ("jit", "off"),
-                ("plan_cache_mode", "force_custom_plan"),
-                ("max_parallel_workers_per_gather", "0"),
-            ]);
+        let base: PgConnectOptions = url.parse::<PgConnectOptions>().map_err(Error::Database)?;
         let pool = PgPoolOptions::new()
-            .max_connections(max_connections)
+            .max_connections(max_connections.div_ceil(4).max(2))
             .acquire_timeout(Duration::from_secs(5))
-            .connect_with(options)
+            .connect_with(
+                base.clone()
+                    .options(COMMON_SETTINGS.iter().copied())
+                    .options(CUSTOM_PLANS.iter().copied()),
+            )
             .await?;
         sqlx::migrate!("../migrations")
             .run(&pool)
             .await
             .map_err(|e| Error::Database(e.into()))?;
-        Ok(Store { pool })
+        let hot = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_lazy_with(
+                base.options(COMMON_SETTINGS.iter().copied())
+                    .options(HOT_SETTINGS.iter().copied()),
+            );
+        Ok(Store { pool, hot })
     }
 
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// The hot path's pool, whose connections plan each statement once ([`HOT_SETTINGS`]); for
+    /// the statements of [`HOT_STATEMENTS`] only.
+    pub fn hot_pool(&self) -> &PgPool {
+        &self.hot
+    }
+
+    /// Closes both pools.
+    pub async fn close(&self) {
+        self.hot.close().await;
+        self.pool.close().await;
     }
 
     /// Stores a module unless its hash is already there; true if it was.
@@ -479,8 +488,8 @@ impl Store {
         Ok(created)
     }
 
-    /// Hands up to `max` replicas to a worker in one statement (in a transaction of the hot
-    /// path, for its plan: `Store::begin_hot`). It locks the worker's row and
+    /// Hands up to `max` replicas to a worker in one statement (on the hot path's pool, for its
+    /// plan: [`HOT_SETTINGS`]). It locks the worker's row and
     /// then its account's (so both daily quotas are counted exactly, whichever of the account's
     /// machines claim at once), looks at the next pending work units that still want replicas
     /// and that neither this worker nor any worker of its account holds (locking them, skipping
@@ -505,8 +514,7 @@ impl Store {
     /// every claim walked past the units all the others had just locked.
     pub async fn claim(&self, worker: Uuid, max: i64) -> Result<Vec<Claimed>, Error> {
         let lane = rand::random_range(0..DISPATCH_LANES) as i32;
-        let mut tx = self.begin_hot().await?;
-        let claimed = sqlx::query_as::<_, Claimed>(CLAIM)
+        Ok(sqlx::query_as::<_, Claimed>(CLAIM)
             .bind(worker)
             .bind(max)
             .bind(scheduler::TRUST_AFTER_CONSECUTIVE_VALID)
@@ -514,10 +522,8 @@ impl Store {
             .bind(scheduler::PRIOR_WRONG)
             .bind(scheduler::PRIOR_RIGHT)
             .bind(lane)
-            .fetch_all(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(claimed)
+            .fetch_all(&self.hot)
+            .await?)
     }
 
     /// Progress of one study, or of all of them (`None`).
@@ -903,40 +909,49 @@ const CLAIM: &str = "WITH me AS (
     FROM made m JOIN taken t ON t.id = m.wu_id
     ORDER BY m.id";
 
-/// Opens a transaction of the hot path (claims and reports), whose statements are planned once
-/// per connection rather than at every execution (see ARCHITECTURE.md, "Plans"). Planning each
-/// execution afresh (`force_custom_plan`, the session's default) cost about a quarter of the
-/// database's CPU at 5,000 replicas/s. Every statement of the hot path names its rows by key
-/// (`= ANY($n)` on a primary key, the claim's lanes of `work_units_dispatch`, the probes of
-/// `(wu_id, worker_id)`), so one generic plan of index probes is right at any table size. But
-/// the planner costs a generic plan on the statistics of the moment, and those of an empty or
-/// young table (a fresh database) make a full scan look as cheap as a probe; that plan would
-/// then stay until the next ANALYZE. So sequential scans, hash joins and merge joins are ruled
-/// out here, and the statements are written to leave the planner no full index scan worth
-/// taking (no `ORDER BY` that an index could serve instead of the key condition).
-/// `tests/it/plans.rs` checks the plans on a fresh database. One round trip: a simple query may
-/// hold several statements.
-const BEGIN_HOT: &str = "BEGIN; SET LOCAL plan_cache_mode = force_generic_plan; \
-    SET LOCAL enable_seqscan = off; SET LOCAL enable_hashjoin = off; \
-    SET LOCAL enable_mergejoin = off";
+/// Settings of every connection. No JIT: every statement here is short, and with a large queue
+/// the planner's cost estimate for the claim crosses `jit_above_cost`, so each claim would spend
+/// 300-600 ms compiling (JIT code is not cached across executions); see BENCHMARKS.md, "Hot
+/// path". Nor parallel workers: they cost more to start than these statements take.
+const COMMON_SETTINGS: &[(&str, &str)] =
+    &[("jit", "off"), ("max_parallel_workers_per_gather", "0")];
 
-/// The statements run in [`BEGIN_HOT`] transactions, by name, for `tests/it/plans.rs`.
+/// Custom plans always, outside the hot path: sqlx prepares each statement once per
+/// connection, and after five runs PostgreSQL may switch to a generic plan costed on the
+/// statistics of that moment. A connection opened while `replicas` was nearly empty then kept a
+/// sequential scan of it for a `wu_id = ANY(..)` read as the table grew to millions of rows.
+const CUSTOM_PLANS: &[(&str, &str)] = &[("plan_cache_mode", "force_custom_plan")];
+
+/// The hot path's connections (claims, reports, credential checks) plan each statement once
+/// and keep that generic plan, rather than planning every execution afresh (see ARCHITECTURE.md,
+/// "Plans"): planning was about a quarter of the database's CPU at 5,000 replicas/s. Every
+/// statement run on them names its rows by key (`= ANY($n)` on a primary key, the claim's lanes
+/// of `work_units_dispatch`, the probes of `(wu_id, worker_id)`), so one plan of index probes
+/// is right at any table size. But the planner costs a generic plan on the statistics of the
+/// moment, and those of an empty or young table (a fresh database) make a full scan look as
+/// cheap as a probe; that plan would then stay until the next ANALYZE. So sequential scans,
+/// bitmap scans (unordered: the claim's lanes read that way are all read and sorted before its
+/// `LIMIT`, seconds with a million units queued), hash joins and merge joins are ruled out on
+/// these connections, and the statements are
+/// written to leave the planner no full index scan worth taking (no `ORDER BY` that an index
+/// could serve instead of the key condition). `tests/it/plans.rs` checks the plans on a fresh
+/// database; only statements listed in [`HOT_STATEMENTS`] may run on this pool.
+const HOT_SETTINGS: &[(&str, &str)] = &[
+    ("plan_cache_mode", "force_generic_plan"),
+    ("enable_seqscan", "off"),
+    ("enable_bitmapscan", "off"),
+    ("enable_hashjoin", "off"),
+    ("enable_mergejoin", "off"),
+];
+
+/// Every statement run on the hot pool, by name, for `tests/it/plans.rs`.
 pub const HOT_STATEMENTS: &[(&str, &str)] = &[
     ("claim", CLAIM),
     ("lock work units of replicas", report::LOCK_WUS_OF_REPLICAS),
     ("replicas of work units", report::REPLICAS_OF),
     ("write batch", report::WRITE_BATCH),
+    ("worker credential", auth::WORKER_CREDENTIAL),
 ];
-
-/// The first statement of a [`BEGIN_HOT`] transaction, for `tests/it/plans.rs`.
-pub const HOT_TRANSACTION: &str = BEGIN_HOT;
-
-impl Store {
-    /// A transaction of the hot path; see [`BEGIN_HOT`].
-    pub(crate) async fn begin_hot(&self) -> Result<Transaction<'static, Postgres>, Error> {
-        Ok(self.pool.begin_with(BEGIN_HOT).await?)
-    }
-}
 
 /// Lanes of the claim's queue: `work_units_dispatch` leads with `id % 16` (migration
 /// `20261128100001_dispatch_lanes.sql`, and the claim's SQL, write the number out).

@@ -97,7 +97,7 @@ macro_rules! lock_wus_sql {
 /// may share the statement: a replica's `wu_id` never changes, and every replica reported was
 /// handed out by a committed claim, so the statement's snapshot already holds it. The units
 /// are named by an array, not by `IN (subquery)`: a semi-join lets a generic plan read the
-/// replicas through another index in `wu_id` order (see `Store::begin_hot`).
+/// replicas through another index in `wu_id` order (see `store::HOT_SETTINGS`).
 pub(super) const LOCK_WUS_OF_REPLICAS: &str =
     lock_wus_sql!("w.id = ANY(ARRAY(SELECT r.wu_id FROM replicas r WHERE r.id = ANY($1)))");
 const LOCK_WUS: &str = lock_wus_sql!("w.id = ANY($1)");
@@ -125,7 +125,7 @@ pub(super) const REPLICAS_OF: &str = "
 ///   as text, so that it is never an index condition that `work_units_study` could serve).
 ///
 /// Each part names its rows by key (`id = ANY($n)`) besides joining on it, so that its
-/// generic plan probes the primary key whatever the statistics (see `Store::begin_hot`).
+/// generic plan probes the primary key whatever the statistics (see `store::HOT_SETTINGS`).
 /// - `fnd`: the findings of every unit validated by this batch, in work unit order; what the
 ///   work unit already holds (study, hashes, parameters) is taken from its row, which `wus`
 ///   does not change in those columns (the parts of one statement share its snapshot). Per-row
@@ -785,8 +785,8 @@ async fn lock(
 impl Store {
     /// Records a batch of results from one worker, then moves each touched work unit on. One
     /// transaction: either every acknowledged result is durable or none is. However many
-    /// results, it costs five statements (BEGIN, lock, read, write, COMMIT), each planned once per
-    /// connection (`Store::begin_hot`).
+    /// results, it costs five statements (BEGIN, lock, read, write, COMMIT), on the hot path's
+    /// pool (each planned once per connection: `store::HOT_SETTINGS`).
     /// Every refused report, plus `refused_before` (results the service refused before they
     /// reached the store, e.g. a forged hash), is counted against the worker in the same
     /// transaction.
@@ -806,7 +806,7 @@ impl Store {
         refused_before: usize,
     ) -> Result<Vec<Ack>, Error> {
         let ids: Vec<i64> = reports.iter().map(|r| r.replica_id).collect();
-        let mut tx = self.begin_hot().await?;
+        let mut tx = self.hot.begin().await?;
         let wus = lock(&mut tx, LOCK_WUS_OF_REPLICAS, &ids).await?;
         let mut batch = Batch::read(&mut tx, wus).await?;
         let mut acks = Vec::with_capacity(reports.len());

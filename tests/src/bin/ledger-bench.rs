@@ -321,7 +321,7 @@ async fn main() -> anyhow::Result<()> {
 
     let _ = stop.send(true);
     server.await??;
-    store.pool().close().await;
+    store.close().await;
     if a.keep {
         println!("kept database {name}");
         std::mem::forget(db);
