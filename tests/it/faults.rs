@@ -423,11 +423,6 @@ async fn a_real_worker_cut_off_mid_report_retries_and_nothing_counts_twice() {
     config.name = Some("cut".into());
     config.slots = 1;
     config.prefetch = 1;
-    app.start_worker_with(config);
-    // Two more: a replica stranded by a swallowed fetch is reissued to a worker that has none
-    // of its unit, and the cut worker already has one.
-    app.start_worker("a", 1);
-    app.start_worker("b", 1);
     // A short deadline: a fetch whose answer is swallowed strands its replicas until then.
     let p = pb::ReplicationPolicy {
         delay_bound_secs: 5,
@@ -441,6 +436,7 @@ async fn a_real_worker_cut_off_mid_report_retries_and_nothing_counts_twice() {
             bounds(),
         )
         .await;
+    app.start_worker_with(config);
     eventually(TIMEOUT, "the cut worker mid-task", || async {
         count(
             &app,
@@ -451,6 +447,12 @@ async fn a_real_worker_cut_off_mid_report_retries_and_nothing_counts_twice() {
             >= 1
     })
     .await;
+    // Two more, only now: started with the cut worker, they could run all twelve replicas
+    // before it took one, and the wait above would never end. They are needed because a
+    // replica stranded by a swallowed fetch is reissued to a worker that has none of its
+    // unit, and the cut worker already has one.
+    app.start_worker("a", 1);
+    app.start_worker("b", 1);
     // Held first, so any report that commits after the count below is one whose answer is lost.
     proxy.hold(true);
     let reported = count(
