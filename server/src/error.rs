@@ -29,7 +29,9 @@ pub enum Error {
 }
 
 impl Error {
-    /// Whether the database is unreachable (restarting, network) rather than refusing the query.
+    /// Whether the database is unreachable (restarting, network) or gave up on the statement
+    /// (class 57: shut down, or cancelled at the hot path's `statement_timeout`) rather than
+    /// refusing the query: worth retrying later.
     fn is_unavailable(e: &sqlx::Error) -> bool {
         matches!(
             e,
@@ -37,7 +39,7 @@ impl Error {
                 | sqlx::Error::PoolTimedOut
                 | sqlx::Error::PoolClosed
                 | sqlx::Error::Tls(_)
-        ) || matches!(e, sqlx::Error::Database(d) if d.code().is_some_and(|c| c.starts_with("57P") || c.starts_with("08")))
+        ) || matches!(e, sqlx::Error::Database(d) if d.code().is_some_and(|c| c.starts_with("57") || c.starts_with("08")))
     }
 }
 

@@ -1,6 +1,7 @@
 //! Faults: a worker process killed mid-task, a server killed mid-study, PostgreSQL restarted
-//! under load, and a report whose response is lost after the server committed it. Nothing is
-//! lost, nothing is recorded twice, and the ledger still verifies.
+//! under load, a report whose response is lost after the server committed it, and a claim
+//! stuck behind a lock. Nothing is lost, nothing is recorded twice, and the ledger still
+//! verifies.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -478,4 +479,42 @@ async fn a_real_worker_cut_off_mid_report_retries_and_nothing_counts_twice() {
     assert_each_validated_once(&app, 6).await;
     app.shutdown().await;
     drop(proxy);
+}
+
+/// A hot-path statement stuck behind a lock (or on a plan gone wrong) is cancelled at the hot
+/// pool's statement timeout: the call fails with UNAVAILABLE, which workers retry, rather than
+/// holding its connection for as long as the lock lasts; once the lock is gone the same worker
+/// is served, and the cancelled claim left nothing behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_stuck_behind_a_lock_gives_up_as_unavailable() {
+    let app = TestApp::spawn().await;
+    app.submit(
+        accrete_tasks::TINY_MODEL,
+        tiny_model_inputs(2, 10),
+        policy(2),
+        bounds(),
+    )
+    .await;
+    let w = app.register("held").await;
+    let worker: uuid::Uuid = w.worker_id.parse().unwrap();
+    // Another session holds the worker's row, as a stuck transaction would.
+    let mut holder = app.store.pool().begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM workers WHERE id = $1 FOR UPDATE")
+        .bind(worker)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let err = app.fetch_as(&w, 1, false).await.unwrap_err();
+    let waited = started.elapsed();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert!(
+        waited >= Duration::from_secs(9) && waited < Duration::from_secs(60),
+        "gave up after {waited:?}, not at the statement timeout"
+    );
+    assert_eq!(count(&app, "SELECT count(*) FROM replicas").await, 0);
+    holder.rollback().await.unwrap();
+    let got = app.fetch_as(&w, 1, false).await.unwrap();
+    assert_eq!(got.len(), 1);
+    app.shutdown().await;
 }

@@ -936,12 +936,20 @@ const CUSTOM_PLANS: &[(&str, &str)] = &[("plan_cache_mode", "force_custom_plan")
 /// written to leave the planner no full index scan worth taking (no `ORDER BY` that an index
 /// could serve instead of the key condition). `tests/it/plans.rs` checks the plans on a fresh
 /// database; only statements listed in [`HOT_STATEMENTS`] may run on this pool.
+///
+/// A hot statement takes milliseconds. One that runs for seconds is stuck behind a lock or on a
+/// plan gone wrong, and would hold its connection while the calls behind it pile up, so it is
+/// cancelled at `statement_timeout` (the call fails with `UNAVAILABLE`, which workers retry);
+/// a transaction left idle (a server stalled mid-report) is ended with its locks.
 const HOT_SETTINGS: &[(&str, &str)] = &[
     ("plan_cache_mode", "force_generic_plan"),
     ("enable_seqscan", "off"),
     ("enable_bitmapscan", "off"),
     ("enable_hashjoin", "off"),
     ("enable_mergejoin", "off"),
+    // Milliseconds.
+    ("statement_timeout", "10000"),
+    ("idle_in_transaction_session_timeout", "30000"),
 ];
 
 /// Every statement run on the hot pool, by name, for `tests/it/plans.rs`.

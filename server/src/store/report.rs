@@ -123,9 +123,6 @@ pub(super) const REPLICAS_OF: &str = "
 ///   and fuel.
 /// - `wus`: every work unit the transitioner moved, compare-and-set from `pending` (compared
 ///   as text, so that it is never an index condition that `work_units_study` could serve).
-///
-/// Each part names its rows by key (`id = ANY($n)`) besides joining on it, so that its
-/// generic plan probes the primary key whatever the statistics (see `store::HOT_SETTINGS`).
 /// - `fnd`: the findings of every unit validated by this batch, in work unit order; what the
 ///   work unit already holds (study, hashes, parameters) is taken from its row, which `wus`
 ///   does not change in those columns (the parts of one statement share its snapshot). Per-row
@@ -140,6 +137,8 @@ pub(super) const REPLICAS_OF: &str = "
 ///   units). `NO KEY UPDATE`: foreign-key checks on replicas take `KEY SHARE` on worker rows,
 ///   which must not conflict.
 ///
+/// Each part names its rows by key (`id = ANY($n)`) besides joining on it, so that its
+/// generic plan probes the primary key whatever the statistics (see `store::HOT_SETTINGS`).
 /// Every part runs to completion whether or not the final `SELECT` reads it; an empty array is
 /// a part that writes nothing.
 pub(super) const WRITE_BATCH: &str = "
