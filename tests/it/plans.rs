@@ -6,7 +6,6 @@
 //! every table these statements read must be reached by its key, whatever the statistics say.
 
 use accrete_server::Store;
-use accrete_server::devdb::{DevDb, LOCAL_SERVER};
 use accrete_server::store::HOT_STATEMENTS;
 use serde_json::Value;
 use sqlx::AssertSqlSafe;
@@ -82,13 +81,7 @@ async fn check_plans(store: &Store) -> Vec<String> {
 
 #[tokio::test]
 async fn hot_statements_reach_every_table_by_key_even_on_an_empty_database() {
-    let admin = std::env::var("ACCRETE_TEST_DATABASE_URL").unwrap_or_else(|_| LOCAL_SERVER.into());
-    let db = DevDb::on_server(
-        &admin,
-        &format!("accrete_test_plans_{}", std::process::id()),
-    )
-    .await
-    .expect("creating a test database");
+    let db = accrete_tests::test_db("test_plans").await;
     let store = Store::connect(&db.url, 2).await.unwrap();
 
     // Fresh from the migrations: empty tables, one of them (replicas) analyzed as empty.

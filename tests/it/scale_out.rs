@@ -10,7 +10,6 @@ use std::path::Path;
 use accrete::client::Client;
 use accrete::ledger::verify_remote;
 use accrete_server::Store;
-use accrete_server::devdb::{DevDb, LOCAL_SERVER};
 use accrete_server::ledger::Verdict;
 use accrete_sim::load::{Fleet, ServerProcesses, submit};
 use accrete_tests::eventually;
@@ -28,13 +27,7 @@ async fn scalar(store: &Store, sql: &'static str) -> i64 {
 async fn three_server_processes_on_one_database_hand_out_each_replica_once() {
     const WUS: usize = 600;
     const WORKERS: usize = 24;
-    let admin = std::env::var("ACCRETE_TEST_DATABASE_URL").unwrap_or_else(|_| LOCAL_SERVER.into());
-    let db = DevDb::on_server(
-        &admin,
-        &format!("accrete_test_scale_out_{}", std::process::id()),
-    )
-    .await
-    .expect("creating a test database");
+    let db = accrete_tests::test_db("test_scale_out").await;
     let store = Store::connect(&db.url, 4).await.unwrap();
     let mut servers = ServerProcesses::start(Path::new(BINS.server), &db.url, 3, 4)
         .await

@@ -76,6 +76,16 @@ pub fn test_config() -> Config {
     }
 }
 
+/// A fresh database named `accrete_{what}_...` on the test server (`ACCRETE_TEST_DATABASE_URL`),
+/// dropped when the returned handle is.
+pub async fn test_db(what: &str) -> DevDb {
+    let admin = std::env::var("ACCRETE_TEST_DATABASE_URL").unwrap_or_else(|_| LOCAL_SERVER.into());
+    let name = format!("accrete_{what}_{}_{}", std::process::id(), rand_suffix());
+    DevDb::on_server(&admin, &name)
+        .await
+        .expect("creating a test database (is PostgreSQL running at 127.0.0.1:5432?)")
+}
+
 impl TestApp {
     /// A fresh database and a server on it, in this process.
     pub async fn spawn() -> TestApp {
@@ -86,13 +96,7 @@ impl TestApp {
     /// `https://localhost:PORT` (the test certificate names `localhost`).
     pub async fn spawn_with(config: Config) -> TestApp {
         init_tracing();
-        let admin =
-            std::env::var("ACCRETE_TEST_DATABASE_URL").unwrap_or_else(|_| LOCAL_SERVER.into());
-        let name = format!("accrete_test_{}_{}", std::process::id(), rand_suffix());
-        let db = DevDb::on_server(&admin, &name)
-            .await
-            .expect("creating a test database (is PostgreSQL running at 127.0.0.1:5432?)");
-        Self::start(db, config).await
+        Self::start(test_db("test").await, config).await
     }
 
     /// A server on a database of the test's, e.g. a private cluster it can stop and start.
