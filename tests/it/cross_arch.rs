@@ -84,14 +84,20 @@ fn float_edge_inputs() -> Vec<Vec<u8>> {
         .collect()
 }
 
-/// WebAssembly semantics with canonical NaNs, as the sandbox promises: an arithmetic result that
-/// is NaN is the positive quiet NaN with an empty payload (x86_64 hardware makes 0/0 negative,
-/// aarch64 positive); sign operations (neg, copysign) keep the bits they were given.
+/// WebAssembly semantics with canonical NaNs, as the sandbox promises: any NaN whose bits the
+/// guest observes through a scalar float (here, `$f64` reinterprets its parameter) is the
+/// positive quiet NaN with an empty payload, whatever made it: x86_64 hardware makes 0/0
+/// negative and aarch64 positive, and a negated or loaded NaN keeps its sign and payload until
+/// it is observed.
 fn c64(x: f64) -> u64 {
+    canonical(x).to_bits()
+}
+
+fn canonical(x: f64) -> f64 {
     if x.is_nan() {
-        0x7ff8_0000_0000_0000
+        f64::from_bits(0x7ff8_0000_0000_0000)
     } else {
-        x.to_bits()
+        x
     }
 }
 
@@ -144,14 +150,15 @@ fn native_float_edges(input: &[u8]) -> Vec<u8> {
             c64(a.floor()),
             c64(a.ceil()),
             c64(a.trunc()),
-            (-a).to_bits(),
-            a.copysign(b).to_bits(),
+            c64(-a),
+            // copysign takes the sign of `b` as observed, so of `b` canonicalised.
+            c64(a.copysign(canonical(b))),
             c64(f64::from(a32)),
             c32(a32 / b32),
             c32(b32.sqrt()),
             a as i64 as u64,
             u64::from(b32 as u32),
-            c64(a.to_bits() as i64 as f64),
+            c64(c64(a) as i64 as f64),
             c64((a + b) * (a - b)),
             c64(a / b),
             c64(b / a),

@@ -11,6 +11,7 @@
 //! output), `run` returns an [`Outcome`]; it never panics on guest behaviour and never blocks
 //! longer than the wall-clock backstop.
 
+mod nan;
 mod virt;
 
 use std::collections::HashMap;
@@ -35,8 +36,15 @@ use virt::{CappedPipe, HasVirtualTime, OutputOverflow, Overflow, SeededRng, Virt
 /// A module's identity: the BLAKE3 hash of its bytes.
 pub type ModuleHash = [u8; 32];
 
-/// The runtime this sandbox is built on, as reported to the scheduler (e.g. "wasmtime 48.0.8").
-pub const RUNTIME: &str = concat!("wasmtime ", env!("ACCRETE_WASMTIME_VERSION"));
+/// The runtime this sandbox is built on and its NaN scheme, as reported to the scheduler and
+/// kept in each finding's provenance (e.g. "wasmtime 48.0.8 nan=observed"). `nan=observed`:
+/// NaNs are canonical where the guest can observe their bits (module `nan`); workers before it
+/// had Cranelift canonicalise every arithmetic result, and differ on a negated or loaded NaN.
+pub const RUNTIME: &str = concat!(
+    "wasmtime ",
+    env!("ACCRETE_WASMTIME_VERSION"),
+    " nan=observed"
+);
 
 /// How often the background thread advances the engine epoch: the granularity of the wall-clock
 /// backstop and of cancellation.
@@ -306,9 +314,18 @@ impl Sandbox {
                 actual: actual.to_hex().to_string(),
             });
         }
+        // Validate before rewriting, so a malformed module is refused for what it is; and
         // `from_binary`, not `new`: the latter would also accept WAT text.
-        let result = Module::from_binary(&self.engine, wasm)
+        let result = Module::validate(&self.engine, wasm)
             .map_err(|e| ModuleError::Compile(format!("{e:#}")))
+            .and_then(|()| {
+                nan::canonicalise_observed_nans(wasm)
+                    .map_err(|e| ModuleError::Compile(e.to_string()))
+            })
+            .and_then(|rewritten| {
+                Module::from_binary(&self.engine, &rewritten)
+                    .map_err(|e| ModuleError::Compile(format!("{e:#}")))
+            })
             .and_then(|module| {
                 self.linker
                     .instantiate_pre(&module)
@@ -580,7 +597,9 @@ fn engine_config(pool_slots: Option<u32>) -> Config {
     config
         .consume_fuel(true)
         .epoch_interruption(true)
-        .cranelift_nan_canonicalization(true)
+        // Off: `nan::canonicalise_observed_nans` canonicalises NaNs where the guest can see
+        // their bits, which costs far less than Cranelift's check after every operation.
+        .cranelift_nan_canonicalization(false)
         // Off: everything whose result may differ between hosts or runs.
         .wasm_threads(false)
         .shared_memory(false)

@@ -394,6 +394,66 @@ fn nan_is_canonical() {
     );
 }
 
+/// A NaN with a payload: x86_64 arithmetic passes the payload on (0x7ff8...0abc), so without
+/// canonicalisation these tests would see it, or its sign, in every observation below.
+const PAYLOAD_NAN: &str = "(f64.reinterpret_i64 (i64.const 0x7ff8000000000abc))";
+const CANONICAL_F64: u64 = 0x7ff8_0000_0000_0000;
+
+#[test]
+fn a_nan_is_canonical_when_stored_or_reinterpreted_whatever_made_it() {
+    // Stored from arithmetic (the payload propagates on x86_64), and reinterpreted after a
+    // negation (which only flips the sign, on any host).
+    let m = metrics_guest(
+        &format!("(f64.store (i32.const 48) (f64.add {PAYLOAD_NAN} (f64.const 1)))"),
+        "(i64.load (i32.const 48))",
+        &format!("(i64.reinterpret_f64 (f64.neg {PAYLOAD_NAN}))"),
+    );
+    assert_eq!(
+        output(&sandbox().run(&m, b"", &small(), 1)),
+        format!(r#"{{"metrics":{{"a":{CANONICAL_F64},"b":{CANONICAL_F64}}}}}"#)
+    );
+}
+
+#[test]
+fn a_nan_is_canonical_as_a_sign_and_as_f32() {
+    // copysign(1, -NaN) would be -1.0; an f32 NaN from arithmetic, stored.
+    let m = metrics_guest(
+        "(f32.store (i32.const 48)
+           (f32.mul (f32.reinterpret_i32 (i32.const 0xffc00123)) (f32.const 2)))",
+        &format!("(i64.reinterpret_f64 (f64.copysign (f64.const 1) (f64.neg {PAYLOAD_NAN})))"),
+        "(i64.load32_u (i32.const 48))",
+    );
+    assert_eq!(
+        output(&sandbox().run(&m, b"", &small(), 1)),
+        format!(
+            r#"{{"metrics":{{"a":{},"b":{}}}}}"#,
+            1.0f64.to_bits(),
+            0x7fc0_0000u32
+        )
+    );
+}
+
+#[test]
+fn a_nan_entering_or_made_in_a_vector_is_canonical() {
+    // A scalar NaN splatted into a vector, and vector arithmetic on payload NaNs of both signs,
+    // both stored as plain vector bits (at 1024, clear of the guest's own data). Each lane is a
+    // NaN, so the OR of the two lanes is the canonical NaN only if both lanes are.
+    let m = metrics_guest(
+        &format!(
+            "(v128.store (i32.const 1024) (f64x2.splat (f64.add {PAYLOAD_NAN} (f64.const 1))))
+             (v128.store (i32.const 1040)
+               (f64x2.mul (f64x2.splat (f64.const 2))
+                          (v128.const i64x2 0x7ff8000000000abc 0xfff8000000000def)))"
+        ),
+        "(i64.or (i64.load (i32.const 1024)) (i64.load (i32.const 1032)))",
+        "(i64.or (i64.load (i32.const 1040)) (i64.load (i32.const 1048)))",
+    );
+    assert_eq!(
+        output(&sandbox().run(&m, b"", &small(), 1)),
+        format!(r#"{{"metrics":{{"a":{CANONICAL_F64},"b":{CANONICAL_F64}}}}}"#)
+    );
+}
+
 #[test]
 fn bytes_that_do_not_match_the_hash_are_refused() {
     let wasm = wat::parse_str(r#"(module (func (export "_start")))"#).unwrap();
