@@ -54,6 +54,11 @@ const ALLOWED_WASI: &[&str] = &[
 /// Largest table the workers instantiate (worker/src/sandbox.rs keeps the same number).
 const MAX_TABLE_ELEMENTS: u64 = 100_000;
 
+/// Most locals (parameters included) a function may have: wasmparser's limit of 50,000, less
+/// the three scratch locals each worker adds to every function when it rewrites the module to
+/// canonicalise NaNs (worker/src/sandbox/nan.rs).
+const MAX_GUEST_LOCALS: u64 = 50_000 - 3;
+
 /// Why a module was refused.
 pub fn check(wasm: &[u8]) -> Result<(), String> {
     if !wasm.starts_with(b"\0asm") {
@@ -80,6 +85,10 @@ pub fn check(wasm: &[u8]) -> Result<(), String> {
         .validate_all(wasm)
         .map_err(|e| format!("invalid WebAssembly: {e}"))?;
     let (mut start, mut memory) = (false, false);
+    // Parameter counts by type, each defined function's type, and how many are imported: to
+    // count a body's locals with its parameters.
+    let (mut type_params, mut function_types) = (Vec::new(), Vec::new());
+    let (mut imported_functions, mut bodies) = (0usize, 0usize);
     for payload in Parser::new(0).parse_all(wasm) {
         match payload.map_err(|e| format!("invalid WebAssembly: {e}"))? {
             Payload::Version {
@@ -101,9 +110,41 @@ pub fn check(wasm: &[u8]) -> Result<(), String> {
                     }
                 }
             }
+            Payload::TypeSection(types) => {
+                for ty in types.into_iter_err_on_gc_types() {
+                    let ty = ty.map_err(|e| format!("invalid WebAssembly: {e}"))?;
+                    type_params.push(ty.params().len() as u64);
+                }
+            }
+            Payload::FunctionSection(functions) => {
+                for ty in functions {
+                    function_types.push(ty.map_err(|e| format!("invalid WebAssembly: {e}"))?);
+                }
+            }
+            Payload::CodeSectionEntry(body) => {
+                let ty = function_types.get(bodies).copied().unwrap_or_default();
+                let mut locals = type_params.get(ty as usize).copied().unwrap_or_default();
+                for pair in body
+                    .get_locals_reader()
+                    .map_err(|e| format!("invalid WebAssembly: {e}"))?
+                {
+                    locals += u64::from(pair.map_err(|e| format!("invalid WebAssembly: {e}"))?.0);
+                }
+                if locals > MAX_GUEST_LOCALS {
+                    return Err(format!(
+                        "function {} has {locals} locals and parameters; the workers' limit is \
+                         {MAX_GUEST_LOCALS}",
+                        imported_functions + bodies
+                    ));
+                }
+                bodies += 1;
+            }
             Payload::ImportSection(imports) => {
                 for import in imports.into_imports() {
                     let import = import.map_err(|e| format!("invalid WebAssembly: {e}"))?;
+                    if matches!(import.ty, TypeRef::Func(_)) {
+                        imported_functions += 1;
+                    }
                     if import.module != "wasi_snapshot_preview1" {
                         return Err(format!(
                             "imports {}::{}; only wasi_snapshot_preview1 is available",
@@ -185,5 +226,23 @@ mod tests {
         assert!(check(&big_table).unwrap_err().contains("table"));
         let lib = wat(r#"(module (memory (export "memory") 1) (func (export "f")))"#);
         assert!(check(&lib).unwrap_err().contains("_start"));
+    }
+
+    /// A module with `_start` and a function with `params` parameters and `locals` locals.
+    fn with_locals(params: usize, locals: usize) -> Vec<u8> {
+        wat(&format!(
+            r#"(module (memory (export "memory") 1) (func (export "_start"))
+                 (func (param {}) (local {})))"#,
+            "i32 ".repeat(params),
+            "f64 ".repeat(locals)
+        ))
+    }
+
+    #[test]
+    fn refuses_a_function_with_no_room_for_the_workers_scratch_locals() {
+        // 49,997 in all is the most a worker can add its three to.
+        assert_eq!(check(&with_locals(7, 49_990)), Ok(()));
+        let err = check(&with_locals(8, 49_990)).unwrap_err();
+        assert!(err.contains("function 1 has 49998 locals"), "{err}");
     }
 }

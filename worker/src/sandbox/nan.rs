@@ -32,6 +32,14 @@ use wasm_encoder::reencode::{self, Reencode};
 use wasm_encoder::{Function, Ieee32, Ieee64, Instruction, ValType};
 use wasmparser::{FunctionBody, Operator, Parser, Payload};
 
+/// Locals (parameters included) a function may have: wasmparser's limit, which wasmtime
+/// enforces.
+const MAX_LOCALS: u32 = 50_000;
+/// Scratch locals the rewrite adds to every function; the server refuses modules with a
+/// function over `MAX_LOCALS - SCRATCH_LOCALS` (server/src/module_check.rs), so no module it
+/// accepts fails here.
+const SCRATCH_LOCALS: u32 = 3;
+
 /// The canonical quiet NaNs: sign clear, quiet bit set, payload zero.
 const CANONICAL_F32: u32 = 0x7fc0_0000;
 const CANONICAL_F64: u64 = 0x7ff8_0000_0000_0000;
@@ -127,6 +135,12 @@ impl Reencode for Rewriter {
                 reencode::Error::UserError(RewriteError("too many locals".into()))
             })?;
             locals.push((count, self.val_type(ty)?));
+        }
+        if next_local > MAX_LOCALS - SCRATCH_LOCALS {
+            return Err(reencode::Error::UserError(RewriteError(format!(
+                "a function has {next_local} locals and parameters; the sandbox adds \
+                 {SCRATCH_LOCALS} to each function and the limit is {MAX_LOCALS}"
+            ))));
         }
         // One scratch local per type the canonicalising sequence needs.
         let scratch = Scratch {

@@ -455,6 +455,39 @@ fn a_nan_entering_or_made_in_a_vector_is_canonical() {
 }
 
 #[test]
+fn a_function_without_room_for_the_scratch_locals_is_a_clear_module_error() {
+    // The NaN rewrite adds three locals to every function; wasmtime allows 50,000 in all.
+    let module = |locals: usize| {
+        let wasm = wat::parse_str(format!(
+            r#"(module (memory (export "memory") 1)
+                 (func (export "_start") (local {})))"#,
+            "f64 ".repeat(locals)
+        ))
+        .unwrap();
+        sandbox().compile(*blake3::hash(&wasm).as_bytes(), &wasm)
+    };
+    let fits = module(49_997).expect("compiles");
+    // It ran to the end: printing nothing is all it did wrong.
+    let outcome = sandbox().run(&fits, b"", &small(), 1);
+    assert!(
+        matches!(
+            outcome,
+            Outcome::Failure {
+                kind: FailureKind::BadOutput,
+                ..
+            }
+        ),
+        "{outcome:?}"
+    );
+    match module(49_998) {
+        Err(ModuleError::Compile(message)) => {
+            assert!(message.contains("49998 locals"), "{message}")
+        }
+        other => panic!("expected a compile error, got {other:?}"),
+    }
+}
+
+#[test]
 fn bytes_that_do_not_match_the_hash_are_refused() {
     let wasm = wat::parse_str(r#"(module (func (export "_start")))"#).unwrap();
     let wrong = *blake3::hash(b"something else").as_bytes();
