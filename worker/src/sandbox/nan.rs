@@ -281,3 +281,99 @@ fn vector_arithmetic(op: &Operator<'_>) -> Option<Kind> {
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wasmparser::{Validator, WasmFeatures};
+
+    /// What the sandbox's engine accepts (worker/src/sandbox.rs `engine_config`, and the
+    /// server's module check).
+    fn features() -> WasmFeatures {
+        WasmFeatures::default()
+            & !(WasmFeatures::THREADS
+                | WasmFeatures::SHARED_EVERYTHING_THREADS
+                | WasmFeatures::RELAXED_SIMD
+                | WasmFeatures::MULTI_MEMORY
+                | WasmFeatures::MEMORY64
+                | WasmFeatures::GC
+                | WasmFeatures::COMPONENT_MODEL
+                | WasmFeatures::EXCEPTIONS
+                | WasmFeatures::LEGACY_EXCEPTIONS
+                | WasmFeatures::STACK_SWITCHING
+                | WasmFeatures::CUSTOM_PAGE_SIZES
+                | WasmFeatures::WIDE_ARITHMETIC)
+    }
+
+    fn smith_config() -> wasm_smith::Config {
+        wasm_smith::Config {
+            exceptions_enabled: false,
+            gc_enabled: false,
+            memory64_enabled: false,
+            relaxed_simd_enabled: false,
+            threads_enabled: false,
+            max_memories: 1,
+            ..wasm_smith::Config::default()
+        }
+    }
+
+    /// Bytes from splitmix64: the seed fixes every generated module.
+    fn bytes(seed: u64, len: usize) -> Vec<u8> {
+        let mut state = seed;
+        (0..len)
+            .map(|_| {
+                state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+                let mut z = state;
+                z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+                (z ^ (z >> 31)) as u8
+            })
+            .collect()
+    }
+
+    /// (operators, places that get a check) in a module's code.
+    fn survey_code(wasm: &[u8]) -> (usize, usize) {
+        let (mut ops, mut sites) = (0, 0);
+        for payload in Parser::new(0).parse_all(wasm) {
+            if let Payload::CodeSectionEntry(body) = payload.unwrap() {
+                for op in body.get_operators_reader().unwrap() {
+                    let op = op.unwrap();
+                    ops += 1;
+                    sites += usize::from(observes_top(&op).is_some())
+                        + usize::from(vector_arithmetic(&op).is_some());
+                }
+            }
+        }
+        (ops, sites)
+    }
+
+    /// Every valid module stays valid, and gains exactly one six-instruction check per place
+    /// that needs one: the rewrite numbers its scratch locals after each function's own, keeps
+    /// stack types, and copies everything else.
+    #[test]
+    fn random_valid_modules_stay_valid_with_one_check_per_observation() {
+        let (mut modules, mut checks) = (0, 0);
+        for seed in 0..300 {
+            let raw = bytes(seed, 8192);
+            let mut u = arbitrary::Unstructured::new(&raw);
+            let Ok(module) = wasm_smith::Module::new(smith_config(), &mut u) else {
+                continue;
+            };
+            let wasm = module.to_bytes();
+            Validator::new_with_features(features())
+                .validate_all(&wasm)
+                .unwrap_or_else(|e| panic!("seed {seed}: wasm-smith made an invalid module: {e}"));
+            let rewritten =
+                canonicalise_observed_nans(&wasm).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+            Validator::new_with_features(features())
+                .validate_all(&rewritten)
+                .unwrap_or_else(|e| panic!("seed {seed}: the rewrite broke the module: {e}"));
+            let ((before, sites), (after, _)) = (survey_code(&wasm), survey_code(&rewritten));
+            assert_eq!(after, before + 6 * sites, "seed {seed}");
+            modules += 1;
+            checks += sites;
+        }
+        assert!(modules >= 250, "only {modules} modules generated");
+        assert!(checks >= 500, "only {checks} checks in {modules} modules");
+    }
+}
