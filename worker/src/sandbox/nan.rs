@@ -109,9 +109,9 @@ impl Reencode for Rewriter {
         module: &mut wasm_encoder::Module,
         section: wasmparser::CustomSectionReader<'_>,
     ) -> Result<(), reencode::Error<Self::Error>> {
-        // Code metadata (branch hints and the like) locates instructions by byte offset, which
-        // the rewrite moves; the module runs the same without it.
-        if section.name().starts_with("metadata.code.") {
+        // Code metadata (branch hints and the like) and DWARF locate instructions by byte
+        // offset, which the rewrite moves; the module runs the same without them.
+        if section.name().starts_with("metadata.code.") || section.name().starts_with(".debug_") {
             return Ok(());
         }
         reencode::utils::parse_custom_section(self, module, section)
@@ -177,7 +177,7 @@ struct Scratch {
 }
 
 /// The type of a value to canonicalise.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy)]
 enum Kind {
     F32,
     F64,
