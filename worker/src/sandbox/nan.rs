@@ -285,24 +285,11 @@ fn vector_arithmetic(op: &Operator<'_>) -> Option<Kind> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use wasmparser::{Validator, WasmFeatures};
+    use wasmtime::{Engine, Module};
 
-    /// What the sandbox's engine accepts (worker/src/sandbox.rs `engine_config`, and the
-    /// server's module check).
-    fn features() -> WasmFeatures {
-        WasmFeatures::default()
-            & !(WasmFeatures::THREADS
-                | WasmFeatures::SHARED_EVERYTHING_THREADS
-                | WasmFeatures::RELAXED_SIMD
-                | WasmFeatures::MULTI_MEMORY
-                | WasmFeatures::MEMORY64
-                | WasmFeatures::GC
-                | WasmFeatures::COMPONENT_MODEL
-                | WasmFeatures::EXCEPTIONS
-                | WasmFeatures::LEGACY_EXCEPTIONS
-                | WasmFeatures::STACK_SWITCHING
-                | WasmFeatures::CUSTOM_PAGE_SIZES
-                | WasmFeatures::WIDE_ARITHMETIC)
+    /// The sandbox's own engine: modules are checked against exactly what it accepts.
+    fn engine() -> Engine {
+        Engine::new(&super::super::engine_config(None)).expect("engine")
     }
 
     fn smith_config() -> wasm_smith::Config {
@@ -352,6 +339,7 @@ mod tests {
     /// stack types, and copies everything else.
     #[test]
     fn random_valid_modules_stay_valid_with_one_check_per_observation() {
+        let engine = engine();
         let (mut modules, mut checks) = (0, 0);
         for seed in 0..300 {
             let raw = bytes(seed, 8192);
@@ -360,13 +348,11 @@ mod tests {
                 continue;
             };
             let wasm = module.to_bytes();
-            Validator::new_with_features(features())
-                .validate_all(&wasm)
+            Module::validate(&engine, &wasm)
                 .unwrap_or_else(|e| panic!("seed {seed}: wasm-smith made an invalid module: {e}"));
             let rewritten =
                 canonicalise_observed_nans(&wasm).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
-            Validator::new_with_features(features())
-                .validate_all(&rewritten)
+            Module::validate(&engine, &rewritten)
                 .unwrap_or_else(|e| panic!("seed {seed}: the rewrite broke the module: {e}"));
             let ((before, sites), (after, _)) = (survey_code(&wasm), survey_code(&rewritten));
             assert_eq!(after, before + 6 * sites, "seed {seed}");
