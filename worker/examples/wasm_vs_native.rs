@@ -2,8 +2,10 @@
 //! module in the real sandbox: fuel metering, NaN canonicalisation, epoch checks) against the
 //! same library compiled natively, on the same inputs, and checks that both give the same bytes.
 //!
-//! Times are the running thread's CPU time (`CLOCK_THREAD_CPUTIME_ID`), not wall time, so a busy
-//! machine does not slow whichever side happened to run while it was busy.
+//! Times are the running thread's CPU time (`CLOCK_THREAD_CPUTIME_ID`), not wall time. Native and
+//! wasm runs alternate, and the ratio printed is the median of each pair's ratio: on a shared
+//! virtual machine the CPU's speed drifts by tens of percent over seconds, and a pair sees the
+//! same drift on both sides.
 //!
 //! `cargo run --release -p accrete-worker --example wasm_vs_native [-- RUNS [MODULE.wasm]]`
 //! (MODULE defaults to the embedded signal-search build; pass another build of the same guest,
@@ -18,7 +20,8 @@ fn main() -> anyhow::Result<()> {
         .nth(1)
         .map(|s| s.parse())
         .transpose()?
-        .unwrap_or(11);
+        .unwrap_or(11)
+        .max(1);
     let sandbox = Sandbox::new(&SandboxConfig {
         max_concurrent_runs: 1,
         pooling: true,
@@ -36,52 +39,63 @@ fn main() -> anyhow::Result<()> {
         wall_ms: 600_000,
     };
     println!(
-        "runtime {}; median of {runs} runs each, CPU time of the running thread",
+        "runtime {}; {runs} alternating native/wasm pairs per n, CPU time of the running thread",
         accrete_worker::RUNTIME
     );
-    println!("| n | native | wasm (sandbox) | wasm / native | fuel |");
-    println!("| --- | --- | --- | --- | --- |");
+    println!(
+        "| n | native (median) | wasm (median) | wasm / native (median of pairs) | pair range | fuel |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- |");
     for log2 in [12, 16, 18, 20] {
         let input = format!(r#"{{"n": {}, "seed": 7, "tone_hz": 123.4}}"#, 1u64 << log2);
         let input = input.as_bytes();
-        let mut native_out = Vec::new();
-        let native = median_of(runs, || {
+        let native_run = || {
             let started = cpu_time();
             let out = accrete_guest::execute(input, signal_search::run).expect("native run");
-            let elapsed = cpu_time() - started;
-            native_out = out;
-            elapsed
-        });
-        let mut fuel = 0;
-        let wasm = median_of(runs, || {
+            (cpu_time() - started, out)
+        };
+        let wasm_run = || {
             let started = cpu_time();
             let outcome = sandbox.run(&module, input, &bounds, 1);
             let elapsed = cpu_time() - started;
             match outcome {
-                Outcome::Success { output, fuel_used } => {
-                    assert_eq!(output, native_out, "wasm and native outputs differ");
-                    fuel = fuel_used;
-                }
+                Outcome::Success { output, fuel_used } => (elapsed, output, fuel_used),
                 other => panic!("wasm run failed: {other:?}"),
             }
-            elapsed
-        });
+        };
+        // Warm-up, not measured: page faults, caches, the allocator's first growth.
+        let (_, expected) = native_run();
+        let (_, output, fuel) = wasm_run();
+        assert_eq!(output, expected, "wasm and native outputs differ");
+        let mut native = Vec::with_capacity(runs);
+        let mut wasm = Vec::with_capacity(runs);
+        let mut ratios = Vec::with_capacity(runs);
+        for _ in 0..runs {
+            let (n, _) = native_run();
+            let (w, output, used) = wasm_run();
+            assert_eq!(output, expected, "wasm and native outputs differ");
+            assert_eq!(used, fuel, "fuel differs between runs of the same input");
+            native.push(n);
+            wasm.push(w);
+            ratios.push(w.as_secs_f64() / n.as_secs_f64());
+        }
+        ratios.sort_by(f64::total_cmp);
         println!(
-            "| 2^{log2} | {:.2} ms | {:.2} ms | {:.2}x | {:.1} M |",
-            ms(native),
-            ms(wasm),
-            wasm.as_secs_f64() / native.as_secs_f64(),
+            "| 2^{log2} | {:.2} ms | {:.2} ms | {:.2}x | {:.2}-{:.2}x | {:.1} M |",
+            ms(median(&mut native)),
+            ms(median(&mut wasm)),
+            ratios[runs / 2],
+            ratios[0],
+            ratios[runs - 1],
             fuel as f64 / 1e6
         );
     }
     Ok(())
 }
 
-fn median_of(n: usize, mut f: impl FnMut() -> Duration) -> Duration {
-    f(); // warm-up: page faults and caches, not measured
-    let mut times: Vec<Duration> = (0..n).map(|_| f()).collect();
+fn median(times: &mut [Duration]) -> Duration {
     times.sort();
-    times[n / 2]
+    times[times.len() / 2]
 }
 
 /// CPU time the calling thread has used.
