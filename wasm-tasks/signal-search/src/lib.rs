@@ -2,7 +2,10 @@
 //! Hann-window it, FFT it and report the strongest spectral peak and its signal-to-noise ratio.
 //!
 //! Every transcendental function comes from `libm` (pure Rust) and nothing depends on the host,
-//! so the native library and the `wasm32-wasip1` guest produce bit-identical output.
+//! so the native library and the `wasm32-wasip1` guest produce bit-identical output. `sqrt` and
+//! `floor` are the standard library's: IEEE 754 defines their result exactly, so the hardware
+//! instruction gives the same bits everywhere, while `libm` emulates them in software on wasm32
+//! (its wasm intrinsics need a nightly compiler).
 //!
 //! Layout: [`Input`] and its limits, [`run`] (the experiment), [`spectrum`] (window + FFT +
 //! power), `rng` (xoshiro256**, Box–Muller), `fft` (iterative radix-2).
@@ -116,7 +119,7 @@ pub fn signal(input: &Input) -> Vec<f64> {
             if let Some(f) = input.tone_hz {
                 // Reduce to a fraction of a cycle first: sin of a small argument is accurate.
                 let cycles = f * i as f64 / input.sample_rate + phase;
-                x += input.amplitude * libm::sin(TAU * (cycles - libm::floor(cycles)));
+                x += input.amplitude * libm::sin(TAU * (cycles - cycles.floor()));
             }
             x
         })

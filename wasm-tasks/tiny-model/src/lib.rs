@@ -2,7 +2,8 @@
 //! a fixed number of steps with the given hyperparameters and report the validation loss.
 //!
 //! The budget is a step count, not wall time, so results compare across hardware; with `libm`
-//! for every transcendental, the native library and the wasm guest give bit-identical output.
+//! for every transcendental, the native library and the wasm guest give bit-identical output
+//! (`sqrt` is the standard library's: it is exact, and `libm`'s is software on wasm32).
 //!
 //! Layout: [`Input`] and its limits, [`run`] (the experiment), `data` (data sets), `model` (the
 //! MLP and SGD), `rng` (xoshiro256**, Box–Muller).

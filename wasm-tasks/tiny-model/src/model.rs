@@ -44,7 +44,7 @@ impl Mlp {
             params.extend((0..2).map(|_| rng.gaussian() * core::f64::consts::FRAC_1_SQRT_2));
             params.push(0.0);
         } else {
-            let out_scale = 1.0 / libm::sqrt(hidden as f64);
+            let out_scale = 1.0 / (hidden as f64).sqrt();
             params
                 .extend((0..2 * hidden).map(|_| rng.gaussian() * core::f64::consts::FRAC_1_SQRT_2));
             params.extend((0..hidden).map(|_| 0.0));
