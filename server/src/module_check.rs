@@ -55,9 +55,13 @@ const ALLOWED_WASI: &[&str] = &[
 const MAX_TABLE_ELEMENTS: u64 = 100_000;
 
 /// Most locals (parameters included) a function may have: wasmparser's limit of 50,000, less
-/// the three scratch locals each worker adds to every function when it rewrites the module to
-/// canonicalise NaNs (worker/src/sandbox/nan.rs).
-const MAX_GUEST_LOCALS: u64 = 50_000 - 3;
+/// the five scratch locals each worker adds to every function when it rewrites the module for
+/// its NaN checks and fuel meter (worker/src/sandbox/rewrite.rs).
+const MAX_GUEST_LOCALS: u64 = 50_000 - 5;
+
+/// Export names the workers' rewrite gives to what it adds (the fuel meter, worker/src/sandbox/
+/// meter.rs); a guest's own export of such a name would collide.
+const RESERVED_EXPORT_PREFIX: &str = "__accrete_";
 
 /// Why a module was refused.
 pub fn check(wasm: &[u8]) -> Result<(), String> {
@@ -167,6 +171,12 @@ pub fn check(wasm: &[u8]) -> Result<(), String> {
                     match (export.name, export.kind) {
                         ("_start", wasmparser::ExternalKind::Func) => start = true,
                         ("memory", wasmparser::ExternalKind::Memory) => memory = true,
+                        (name, _) if name.starts_with(RESERVED_EXPORT_PREFIX) => {
+                            return Err(format!(
+                                "exports {name:?}: names starting with {RESERVED_EXPORT_PREFIX} \
+                                 are reserved for the workers' sandbox"
+                            ));
+                        }
                         _ => {}
                     }
                 }
@@ -226,6 +236,10 @@ mod tests {
         assert!(check(&big_table).unwrap_err().contains("table"));
         let lib = wat(r#"(module (memory (export "memory") 1) (func (export "f")))"#);
         assert!(check(&lib).unwrap_err().contains("_start"));
+        let reserved = wat(
+            r#"(module (memory (export "memory") 1) (func (export "_start")) (global (export "__accrete_fuel") i64 (i64.const 0)))"#,
+        );
+        assert!(check(&reserved).unwrap_err().contains("__accrete_fuel"));
     }
 
     /// A module with `_start` and a function with `params` parameters and `locals` locals.
@@ -240,9 +254,9 @@ mod tests {
 
     #[test]
     fn refuses_a_function_with_no_room_for_the_workers_scratch_locals() {
-        // 49,997 in all is the most a worker can add its three to.
-        assert_eq!(check(&with_locals(7, 49_990)), Ok(()));
-        let err = check(&with_locals(8, 49_990)).unwrap_err();
-        assert!(err.contains("function 1 has 49998 locals"), "{err}");
+        // 49,995 in all is the most a worker can add its five to.
+        assert_eq!(check(&with_locals(5, 49_990)), Ok(()));
+        let err = check(&with_locals(6, 49_990)).unwrap_err();
+        assert!(err.contains("function 1 has 49996 locals"), "{err}");
     }
 }

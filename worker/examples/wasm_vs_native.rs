@@ -1,5 +1,5 @@
 //! Times the signal-search experiment as the worker runs it (the embedded `wasm32-wasip1`
-//! module in the real sandbox: fuel metering, NaN canonicalisation, epoch checks) against the
+//! module in the real sandbox: the fuel meter, NaN canonicalisation, the watchdog) against the
 //! same library compiled natively, on the same inputs, and checks that both give the same bytes.
 //!
 //! Times are the running thread's CPU time (`CLOCK_THREAD_CPUTIME_ID`), not wall time. Native and

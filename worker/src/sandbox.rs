@@ -3,28 +3,33 @@
 //! `Store` and classifies how it ended.
 //!
 //! Same module + input + seed ⇒ bit-identical stdout and fuel on every host: NaNs are
-//! canonicalised, threads and relaxed SIMD are off, the clock is virtual (module `virt`), the
-//! randomness is seeded, and fuel (not wall time) is the budget. The guest gets stdin, stdout,
-//! stderr and nothing else: no preopened directories, no environment, no network.
+//! canonicalised (module `nan`), threads and relaxed SIMD are off, the clock is virtual (module
+//! `virt`), the randomness is seeded, and fuel (not wall time) is the budget, metered by the
+//! guest's own rewritten code (module `meter`). The guest gets stdin, stdout, stderr and nothing
+//! else: no preopened directories, no environment, no network.
+//!
+//! Layout: `rewrite` (the one pass over a module before it compiles), `nan` and `meter` (what
+//! that pass adds; `meter` also holds the watchdog behind the wall-clock backstop), `virt` (the
+//! virtual clock, seeded randomness and capped pipes).
 //!
 //! **Invariant**: whatever a guest does (trap, exhaust memory or fuel, loop, sleep, flood its
 //! output), `run` returns an [`Outcome`]; it never panics on guest behaviour and never blocks
 //! longer than the wall-clock backstop.
 
+mod meter;
 mod nan;
+mod rewrite;
 mod virt;
 
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
-use std::thread;
 use std::time::{Duration, Instant};
 
 use wasmtime::{
-    Config, Engine, InstanceAllocationStrategy, InstancePre, Linker, Module,
-    PoolingAllocationConfig, ResourceLimiter, Store, Trap, UpdateDeadline,
+    Config, Engine, Extern, InstanceAllocationStrategy, InstancePre, Linker, Module, ModuleExport,
+    PoolingAllocationConfig, ResourceLimiter, Store, Val,
 };
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::pipe::MemoryInputPipe;
@@ -36,19 +41,18 @@ use virt::{CappedPipe, HasVirtualTime, OutputOverflow, Overflow, SeededRng, Virt
 /// A module's identity: the BLAKE3 hash of its bytes.
 pub type ModuleHash = [u8; 32];
 
-/// The runtime this sandbox is built on and its NaN scheme, as reported to the scheduler and
-/// kept in each finding's provenance (e.g. "wasmtime 48.0.8 nan=observed"). `nan=observed`:
-/// NaNs are canonical where the guest can observe their bits (module `nan`); workers before it
-/// had Cranelift canonicalise every arithmetic result, and differ on a negated or loaded NaN.
+/// The runtime this sandbox is built on and its NaN and fuel schemes, as reported to the
+/// scheduler and kept in each finding's provenance (e.g. "wasmtime 48.0.8 nan=observed
+/// fuel=guest"). `nan=observed`: NaNs are canonical where the guest can observe their bits
+/// (module `nan`); workers before it had Cranelift canonicalise every arithmetic result, and
+/// differ on a negated or loaded NaN. `fuel=guest`: fuel is the meter's count of the guest's own
+/// instructions (module `meter`), wasmtime's model unit for unit; workers before it reported
+/// wasmtime's count of the rewritten module, which also counted the NaN checks.
 pub const RUNTIME: &str = concat!(
     "wasmtime ",
     env!("ACCRETE_WASMTIME_VERSION"),
-    " nan=observed"
+    " nan=observed fuel=guest"
 );
-
-/// How often the background thread advances the engine epoch: the granularity of the wall-clock
-/// backstop and of cancellation.
-const EPOCH_TICK: Duration = Duration::from_millis(10);
 
 /// Stderr kept for failure messages; the rest is discarded (the guest never notices).
 const STDERR_LIMIT: usize = 4 * 1024;
@@ -64,9 +68,10 @@ const MODULE_CACHE_ENTRIES: usize = 64;
 /// backstop for hosts far slower than the fuel budget assumes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Bounds {
-    /// Fuel: roughly one unit per wasm instruction.
+    /// Fuel: one unit per wasm instruction the guest runs and per function call, and one per
+    /// byte a bulk memory instruction moves (module `meter`).
     pub fuel: u64,
-    /// Largest linear memory, in bytes.
+    /// Largest linear memory, in bytes (a bound under one 64 KiB page allows one page).
     pub memory_bytes: u64,
     /// Largest stdout, in bytes.
     pub output_bytes: u64,
@@ -184,6 +189,33 @@ pub enum ModuleError {
 pub struct CompiledModule {
     hash: ModuleHash,
     pre: InstancePre<State>,
+    exports: Arc<Exports>,
+}
+
+/// The exports a run uses, looked up once per module.
+struct Exports {
+    /// The guest's `_start`; a module without one fails every run as a module error.
+    main: Option<ModuleExport>,
+    /// The guest's start function, run before `_start` (module `rewrite`).
+    start: Option<ModuleExport>,
+    fuel: ModuleExport,
+    meter: ModuleExport,
+}
+
+impl Exports {
+    fn of(module: &Module) -> Result<Self, ModuleError> {
+        let added = |name: &str| {
+            module.get_export_index(name).ok_or_else(|| {
+                ModuleError::Compile(format!("the rewritten module lacks its {name} export"))
+            })
+        };
+        Ok(Self {
+            main: module.get_export_index("_start"),
+            start: module.get_export_index(meter::START_EXPORT),
+            fuel: added(meter::FUEL_EXPORT)?,
+            meter: added(meter::METER_EXPORT)?,
+        })
+    }
 }
 
 impl CompiledModule {
@@ -202,7 +234,7 @@ impl fmt::Debug for CompiledModule {
     }
 }
 
-/// A flag that stops a run at its next epoch check (within ~10 ms), e.g. when the worker shuts
+/// A flag that stops a run within about 10 ms (the watchdog's tick), e.g. when the worker shuts
 /// down. Cheap to clone; clones share the flag.
 #[derive(Clone, Debug, Default)]
 pub struct Cancel(Arc<AtomicBool>);
@@ -243,10 +275,13 @@ impl Default for SandboxConfig {
 /// The sandbox: shared by every slot of a worker (it is `Send + Sync`).
 pub struct Sandbox {
     engine: Engine,
+    /// Validates guests with the features they may use: `engine` also has multi-memory, for
+    /// the meter's own memory.
+    guest_features: Engine,
     linker: Linker<State>,
     modules: Mutex<ModuleCache>,
     pooling: bool,
-    _ticker: EpochTicker,
+    watchdog: meter::Watchdog,
 }
 
 impl Sandbox {
@@ -279,13 +314,13 @@ impl Sandbox {
                 virt::poll_oneoff::<State>,
             )
             .map_err(anyhow::Error::from)?;
-        let ticker = EpochTicker::start(engine.clone());
         Ok(Self {
             engine,
+            guest_features: Engine::new(&guest_config()).map_err(anyhow::Error::from)?,
             linker,
             modules: Mutex::new(ModuleCache::default()),
             pooling,
-            _ticker: ticker,
+            watchdog: meter::Watchdog::start()?,
         })
     }
 
@@ -314,26 +349,38 @@ impl Sandbox {
                 actual: actual.to_hex().to_string(),
             });
         }
-        // Validate before rewriting, so a malformed module is refused for what it is; and
-        // `from_binary`, not `new`: the latter would also accept WAT text.
-        let result = Module::validate(&self.engine, wasm)
-            .map_err(|e| ModuleError::Compile(format!("{e:#}")))
-            .and_then(|()| {
-                nan::canonicalise_observed_nans(wasm)
-                    .map_err(|e| ModuleError::Compile(e.to_string()))
-            })
-            .and_then(|rewritten| {
-                Module::from_binary(&self.engine, &rewritten)
-                    .map_err(|e| ModuleError::Compile(format!("{e:#}")))
-            })
-            .and_then(|module| {
-                self.linker
-                    .instantiate_pre(&module)
-                    .map_err(|e| ModuleError::Link(format!("{e:#}")))
-            })
-            .map(|pre| CompiledModule { hash, pre });
+        let result = self
+            .prepare(wasm, rewrite::Options::SANDBOX)
+            .map(|(pre, exports)| CompiledModule {
+                hash,
+                pre,
+                exports: Arc::new(exports),
+            });
         self.cache().insert(hash, result.clone());
         result
+    }
+
+    /// Validates, rewrites, compiles and links.
+    fn prepare(
+        &self,
+        wasm: &[u8],
+        options: rewrite::Options,
+    ) -> Result<(InstancePre<State>, Exports), ModuleError> {
+        // Validate before rewriting, so a malformed module is refused for what it is, and with
+        // the guests' features, so a guest cannot name the meter's memory; `from_binary`, not
+        // `new`: the latter would also accept WAT text.
+        Module::validate(&self.guest_features, wasm)
+            .map_err(|e| ModuleError::Compile(format!("{e:#}")))?;
+        let rewritten =
+            rewrite::rewrite(wasm, options).map_err(|e| ModuleError::Compile(e.to_string()))?;
+        let module = Module::from_binary(&self.engine, &rewritten)
+            .map_err(|e| ModuleError::Compile(format!("{e:#}")))?;
+        let exports = Exports::of(&module)?;
+        let pre = self
+            .linker
+            .instantiate_pre(&module)
+            .map_err(|e| ModuleError::Link(format!("{e:#}")))?;
+        Ok((pre, exports))
     }
 
     /// Runs `module`'s `_start` with `input` on stdin under `bounds`, with randomness from
@@ -388,44 +435,65 @@ impl Sandbox {
                 memory_bytes: usize::try_from(bounds.memory_bytes).unwrap_or(usize::MAX),
                 denied: false,
             },
-            cancel: cancel.clone(),
-            started: Instant::now(),
-            wall: Duration::from_millis(bounds.wall_ms),
         };
+        let deadline = Instant::now() + Duration::from_millis(bounds.wall_ms);
+        let budget = i64::try_from(bounds.fuel).unwrap_or(i64::MAX);
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limiter);
-        if store.set_fuel(bounds.fuel).is_err() {
-            return Outcome::failure(FailureKind::Module, "fuel is not enabled", 0);
-        }
-        store.set_epoch_deadline(1);
-        store.epoch_deadline_callback(|ctx| {
-            let state = ctx.data();
-            if state.cancel.is_cancelled() {
-                Err(wasmtime::Error::new(Interruption::Cancelled))
-            } else if state.started.elapsed() >= state.wall {
-                Err(wasmtime::Error::new(Interruption::WallTimeout(state.wall)))
-            } else {
-                Ok(UpdateDeadline::Continue(1))
-            }
-        });
 
-        let result = module
-            .pre
-            .instantiate(&mut store)
-            .map_err(Ended::Instantiate)
-            .and_then(|instance| {
-                let start = instance
-                    .get_typed_func::<(), ()>(&mut store, "_start")
-                    .map_err(Ended::Instantiate)?;
-                start.call(&mut store, ()).map_err(Ended::Call)
-            });
-        let fuel_used = bounds.fuel - store.get_fuel().unwrap_or(0);
+        let mut fuel_left = budget;
+        let mut stopped = None;
+        // No guest code runs while instantiating: the rewrite turned a start function into an
+        // export.
+        let result = match module.pre.instantiate(&mut store) {
+            Err(e) => Err(Ended::Instantiate(e)),
+            Ok(instance) => {
+                let exports = &*module.exports;
+                let (Some(Extern::Global(fuel)), Some(Extern::Memory(meter))) = (
+                    instance.get_module_export(&mut store, &exports.fuel),
+                    instance.get_module_export(&mut store, &exports.meter),
+                ) else {
+                    return Outcome::failure(FailureKind::Module, "meter exports are missing", 0);
+                };
+                if fuel.set(&mut store, Val::I64(budget)).is_err() {
+                    return Outcome::failure(FailureKind::Module, "the fuel global is wrong", 0);
+                }
+                let limit = meter.data_ptr(&store).cast::<i64>();
+                // SAFETY: the meter memory is one page that cannot grow (min = max = 1), so its
+                // first word stays where it is, page-aligned, until `store` is dropped; the
+                // watch ends below, before that.
+                let watch = unsafe { self.watchdog.watch(limit, cancel, deadline) };
+                let mut call = |e: &ModuleExport| match instance.get_module_export(&mut store, e) {
+                    Some(Extern::Func(f)) => match f.typed::<(), ()>(&store) {
+                        Ok(f) => f.call(&mut store, ()).map_err(Ended::Call),
+                        Err(_) => Err(Ended::NoStart),
+                    },
+                    _ => Err(Ended::NoStart),
+                };
+                let ran = match (&exports.start, &exports.main) {
+                    (_, None) => Err(Ended::NoStart),
+                    (None, Some(main)) => call(main),
+                    (Some(start), Some(main)) => call(start).and_then(|()| call(main)),
+                };
+                stopped = watch.finish();
+                fuel_left = fuel.get(&mut store).i64().unwrap_or(0);
+                ran
+            }
+        };
+        let fuel_used = u64::try_from(budget - fuel_left.max(0)).unwrap_or(0);
         let limiter = &store.data().limiter;
         let denied = limiter.denied.then_some(limiter.memory_bytes);
         drop(store);
         let (output, overflowed) = stdout.take();
         let (diagnostics, _) = stderr.take();
-        classify(result, output, overflowed, denied, &diagnostics, fuel_used)
+        let ending = Ending {
+            stopped,
+            out_of_fuel: fuel_left < 0,
+            overflowed,
+            memory_denied: denied,
+            wall: Duration::from_millis(bounds.wall_ms),
+        };
+        classify(result, &ending, output, &diagnostics, fuel_used)
     }
 
     fn cache(&self) -> std::sync::MutexGuard<'_, ModuleCache> {
@@ -437,25 +505,32 @@ impl Sandbox {
 enum Ended {
     Instantiate(wasmtime::Error),
     Call(wasmtime::Error),
+    /// No `_start` function to call.
+    NoStart,
 }
 
-/// Why the epoch callback stopped a run.
-#[derive(Debug, thiserror::Error)]
-enum Interruption {
-    #[error("wall-clock backstop of {0:?} reached")]
-    WallTimeout(Duration),
-    #[error("cancelled by the worker")]
-    Cancelled,
+/// What the host knows about a run besides how the call ended.
+struct Ending {
+    /// The watchdog stopped it.
+    stopped: Option<meter::Stop>,
+    /// The fuel left went below zero: the meter's trap ended the run.
+    out_of_fuel: bool,
+    /// Stdout went past its limit.
+    overflowed: bool,
+    /// The memory limit refused a growth (the limit, in bytes).
+    memory_denied: Option<usize>,
+    /// The wall-clock backstop.
+    wall: Duration,
 }
 
 /// Decides the outcome. The order matters where several things went wrong: a wall timeout or a
 /// cancellation says nothing about the guest; an output overflow traps at the offending write;
-/// out of fuel is an explicit trap; a refused memory growth explains a trap that followed it.
+/// fuel below zero means the meter trapped; a refused memory growth explains a trap that
+/// followed it.
 fn classify(
     result: Result<(), Ended>,
+    ending: &Ending,
     output: Vec<u8>,
-    overflowed: bool,
-    memory_denied: Option<usize>,
     stderr: &[u8],
     fuel_used: u64,
 ) -> Outcome {
@@ -472,14 +547,15 @@ fn classify(
     let error = match result {
         Ok(()) => None,
         Err(Ended::Instantiate(e)) => {
-            if let Some(limit) = memory_denied {
+            if let Some(limit) = ending.memory_denied {
                 let message = format!("initial memory exceeds the limit of {limit} bytes");
                 return Outcome::failure(K::OutOfMemory, message, fuel_used);
             }
-            if let Some(i) = e.downcast_ref::<Interruption>() {
-                return interrupted(i, fuel_used);
-            }
             return Outcome::failure(K::Module, format!("instantiation failed: {e:#}"), fuel_used);
+        }
+        Err(Ended::NoStart) => {
+            let message = "the module exports no `_start` function of type [] -> []";
+            return Outcome::failure(K::Module, message, fuel_used);
         }
         Err(Ended::Call(e)) => match e.downcast_ref::<I32Exit>() {
             Some(I32Exit(0)) => None,
@@ -487,21 +563,25 @@ fn classify(
         },
     };
     if let Some(e) = error {
-        if let Some(i) = e.downcast_ref::<Interruption>() {
-            return interrupted(i, fuel_used);
+        match ending.stopped {
+            Some(meter::Stop::Cancelled) => return Outcome::Cancelled,
+            Some(meter::Stop::WallTimeout) => {
+                let message = format!("wall-clock backstop of {:?} reached", ending.wall);
+                return Outcome::failure(K::WallTimeout, message, fuel_used);
+            }
+            None => {}
         }
-        if overflowed || e.downcast_ref::<OutputOverflow>().is_some() {
+        if ending.overflowed || e.downcast_ref::<OutputOverflow>().is_some() {
             return Outcome::failure(K::OutputTooLarge, root_message(&e), fuel_used);
         }
-        let (kind, message) = match (e.downcast_ref::<Trap>(), e.downcast_ref::<I32Exit>()) {
-            (Some(Trap::OutOfFuel), _) => (K::OutOfFuel, root_message(&e)),
-            // An interrupt we did not ask for (cannot happen: every deadline goes through the
-            // callback); report it as the backstop rather than blame the guest.
-            (Some(Trap::Interrupt), _) => (K::WallTimeout, root_message(&e)),
-            (_, Some(I32Exit(code))) => (K::Trap, format!("guest exited with code {code}")),
-            _ => (K::Trap, root_message(&e)),
+        let (kind, message) = if ending.out_of_fuel {
+            (K::OutOfFuel, format!("all {fuel_used} fuel used"))
+        } else if let Some(I32Exit(code)) = e.downcast_ref::<I32Exit>() {
+            (K::Trap, format!("guest exited with code {code}"))
+        } else {
+            (K::Trap, root_message(&e))
         };
-        let (kind, message) = match (kind, memory_denied) {
+        let (kind, message) = match (kind, ending.memory_denied) {
             (K::Trap, Some(limit)) => (
                 K::OutOfMemory,
                 format!("memory growth beyond {limit} bytes was refused, then: {message}"),
@@ -510,22 +590,13 @@ fn classify(
         };
         return Outcome::failure(kind, with_stderr(message), fuel_used);
     }
-    if overflowed {
+    if ending.overflowed {
         // A guest that ignored a refused write and exited 0 still produced too much.
         return Outcome::failure(K::OutputTooLarge, "output exceeds its limit", fuel_used);
     }
     match accrete_proto::output::parse_metrics(&output) {
         Ok(_) => Outcome::Success { output, fuel_used },
         Err(e) => Outcome::failure(K::BadOutput, with_stderr(e.to_string()), fuel_used),
-    }
-}
-
-fn interrupted(i: &Interruption, fuel_used: u64) -> Outcome {
-    match i {
-        Interruption::Cancelled => Outcome::Cancelled,
-        Interruption::WallTimeout(_) => {
-            Outcome::failure(FailureKind::WallTimeout, i.to_string(), fuel_used)
-        }
     }
 }
 
@@ -546,9 +617,6 @@ struct State {
     wasi: WasiP1Ctx,
     time: VirtualTime,
     limiter: Limiter,
-    cancel: Cancel,
-    started: Instant,
-    wall: Duration,
 }
 
 impl HasVirtualTime for State {
@@ -571,7 +639,9 @@ impl ResourceLimiter for Limiter {
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        if desired > self.memory_bytes {
+        // The meter's page is allowed under any bound; a guest's memory bound is at least
+        // that page too, as the limiter cannot tell the two memories apart.
+        if desired > self.memory_bytes.max(meter::METER_MEMORY_BYTES) {
             self.denied = true;
             return Ok(false);
         }
@@ -588,17 +658,48 @@ impl ResourceLimiter for Limiter {
     }
 
     fn memories(&self) -> usize {
-        1
+        // The guest's and the meter's.
+        2
     }
 }
 
 fn engine_config(pool_slots: Option<u32>) -> Config {
+    let mut config = guest_config();
+    // The meter's own memory is a module's second; `guest_config` keeps guests to one.
+    config.wasm_multi_memory(true);
+    if let Some(slots) = pool_slots {
+        // Runs never exceed the slots; the margin covers a run finishing while the next starts.
+        let instances = slots.saturating_mul(2).saturating_add(2);
+        let mut pool = PoolingAllocationConfig::new();
+        pool.total_core_instances(instances)
+            // The guest's memory and the meter's.
+            .total_memories(instances.saturating_mul(2))
+            .total_tables(instances)
+            .total_stacks(instances)
+            .total_gc_heaps(0)
+            .total_component_instances(0)
+            .max_memories_per_module(2)
+            .max_tables_per_module(1)
+            .table_elements(MAX_TABLE_ELEMENTS)
+            // 4 GiB, all a 32-bit memory can address, so the pool never caps a work unit's
+            // memory below its own bound: the limiter decides, the same on every host.
+            .max_memory_size(1 << 32)
+            .linear_memory_keep_resident(1 << 16);
+        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    }
+    config
+}
+
+/// What a guest module may use, the sandbox's engine less the meter's second memory.
+fn guest_config() -> Config {
     let mut config = Config::new();
     config
-        .consume_fuel(true)
-        .epoch_interruption(true)
-        // Off: `nan::canonicalise_observed_nans` canonicalises NaNs where the guest can see
-        // their bits, which costs far less than Cranelift's check after every operation.
+        // Off: the meter in the guest's own code (module `meter`) is the budget and the
+        // backstop; wasmtime's fuel and epoch checks would each slow loops by about 25 %.
+        .consume_fuel(false)
+        .epoch_interruption(false)
+        // Off: `nan` canonicalises NaNs where the guest can see their bits, which costs far
+        // less than Cranelift's check after every operation.
         .cranelift_nan_canonicalization(false)
         // Off: everything whose result may differ between hosts or runs.
         .wasm_threads(false)
@@ -611,59 +712,7 @@ fn engine_config(pool_slots: Option<u32>) -> Config {
         .wasm_memory64(false)
         .wasm_gc(false)
         .wasm_component_model(false);
-    if let Some(slots) = pool_slots {
-        // Runs never exceed the slots; the margin covers a run finishing while the next starts.
-        let instances = slots.saturating_mul(2).saturating_add(2);
-        let mut pool = PoolingAllocationConfig::new();
-        pool.total_core_instances(instances)
-            .total_memories(instances)
-            .total_tables(instances)
-            .total_stacks(instances)
-            .total_gc_heaps(0)
-            .total_component_instances(0)
-            .max_memories_per_module(1)
-            .max_tables_per_module(1)
-            .table_elements(MAX_TABLE_ELEMENTS)
-            // 4 GiB, all a 32-bit memory can address, so the pool never caps a work unit's
-            // memory below its own bound: the limiter decides, the same on every host.
-            .max_memory_size(1 << 32);
-        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
-    }
     config
-}
-
-/// Advances the engine epoch every [`EPOCH_TICK`] until dropped.
-struct EpochTicker {
-    stop: Option<mpsc::Sender<()>>,
-    thread: Option<thread::JoinHandle<()>>,
-}
-
-impl EpochTicker {
-    fn start(engine: Engine) -> Self {
-        let (stop, stopped) = mpsc::channel::<()>();
-        let thread = thread::Builder::new()
-            .name("accrete-epoch".into())
-            .spawn(move || {
-                // Dropping the sender disconnects the channel and ends the loop at once.
-                while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(EPOCH_TICK) {
-                    engine.increment_epoch();
-                }
-            })
-            .expect("spawn the epoch thread");
-        Self {
-            stop: Some(stop),
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for EpochTicker {
-    fn drop(&mut self) {
-        drop(self.stop.take());
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
 }
 
 /// Compiled modules by hash, with least-recently-used eviction.

@@ -244,7 +244,7 @@ pub const MAX_POLL_SUBSCRIPTIONS: usize = 1024;
 
 /// `wasi_snapshot_preview1.poll_oneoff`, replacing wasmtime-wasi's, which sleeps the host thread
 /// for as long as the guest asks (a guest could hold a slot for hours, out of reach of the
-/// epoch backstop, which only interrupts wasm code). Here stdin and stdout are memory, so fd
+/// wall-clock backstop, which only stops wasm code, at its meter's checks). Here stdin and stdout are memory, so fd
 /// subscriptions are ready at once; if there are none, the earliest clock subscription fires and
 /// virtual time jumps to its deadline: sleeping is free and deterministic.
 pub fn poll_oneoff<T: HasVirtualTime>(
