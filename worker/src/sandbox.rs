@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use wasmtime::{
     Config, Engine, Extern, InstanceAllocationStrategy, InstancePre, Linker, Module, ModuleExport,
-    PoolingAllocationConfig, ResourceLimiter, Store, Val,
+    PoolingAllocationConfig, ResourceLimiter, Store,
 };
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::pipe::MemoryInputPipe;
@@ -198,22 +198,19 @@ struct Exports {
     main: Option<ModuleExport>,
     /// The guest's start function, run before `_start` (module `rewrite`).
     start: Option<ModuleExport>,
-    fuel: ModuleExport,
     meter: ModuleExport,
 }
 
 impl Exports {
     fn of(module: &Module) -> Result<Self, ModuleError> {
-        let added = |name: &str| {
-            module.get_export_index(name).ok_or_else(|| {
-                ModuleError::Compile(format!("the rewritten module lacks its {name} export"))
-            })
-        };
         Ok(Self {
             main: module.get_export_index("_start"),
             start: module.get_export_index(meter::START_EXPORT),
-            fuel: added(meter::FUEL_EXPORT)?,
-            meter: added(meter::METER_EXPORT)?,
+            meter: module
+                .get_export_index(meter::METER_EXPORT)
+                .ok_or_else(|| {
+                    ModuleError::Compile("the rewritten module lacks its meter".into())
+                })?,
         })
     }
 }
@@ -449,20 +446,19 @@ impl Sandbox {
             Err(e) => Err(Ended::Instantiate(e)),
             Ok(instance) => {
                 let exports = &*module.exports;
-                let (Some(Extern::Global(fuel)), Some(Extern::Memory(meter))) = (
-                    instance.get_module_export(&mut store, &exports.fuel),
-                    instance.get_module_export(&mut store, &exports.meter),
-                ) else {
-                    return Outcome::failure(FailureKind::Module, "meter exports are missing", 0);
+                let Some(Extern::Memory(meter)) =
+                    instance.get_module_export(&mut store, &exports.meter)
+                else {
+                    return Outcome::failure(FailureKind::Module, "the meter is missing", 0);
                 };
-                if fuel.set(&mut store, Val::I64(budget)).is_err() {
-                    return Outcome::failure(FailureKind::Module, "the fuel global is wrong", 0);
-                }
-                let limit = meter.data_ptr(&store).cast::<i64>();
-                // SAFETY: the meter memory is one page that cannot grow (min = max = 1), so its
-                // first word stays where it is, page-aligned, until `store` is dropped; the
-                // watch ends below, before that.
-                let watch = unsafe { self.watchdog.watch(limit, cancel, deadline) };
+                meter::set_fuel(meter.data_mut(&mut store), budget);
+                // SAFETY: the meter memory is one page that cannot grow (min = max = 1), so it
+                // stays where it is, page-aligned, until `store` is dropped; the watch ends
+                // below, before that.
+                let watch = unsafe {
+                    let limit = meter.data_ptr(&store).add(meter::LIMIT_OFFSET as usize);
+                    self.watchdog.watch(limit.cast::<i64>(), cancel, deadline)
+                };
                 let mut call = |e: &ModuleExport| match instance.get_module_export(&mut store, e) {
                     Some(Extern::Func(f)) => match f.typed::<(), ()>(&store) {
                         Ok(f) => f.call(&mut store, ()).map_err(Ended::Call),
@@ -476,7 +472,7 @@ impl Sandbox {
                     (Some(start), Some(main)) => call(start).and_then(|()| call(main)),
                 };
                 stopped = watch.finish();
-                fuel_left = fuel.get(&mut store).i64().unwrap_or(0);
+                fuel_left = meter::fuel(meter.data(&store));
                 ran
             }
         };

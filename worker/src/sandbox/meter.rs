@@ -8,13 +8,13 @@
 //! every butterfly, and either mechanism alone made that guest about 25 % slower (BENCHMARKS.md).
 //! Here the check ends in a trap, which never returns, so no value has to survive it.
 //!
-//! **The meter.** The rewrite (module `rewrite`) gives every module a mutable `i64` global, the
-//! fuel left, and a one-page memory of its own whose first word is the *limit*. Guest code
-//! cannot name either: guests are validated without multi-memory, and the global's index is
-//! past every index the guest's code was validated against. Each function gets an `i64` local
-//! that accumulates the cost of the basic blocks it has run (a constant per block: Cranelift
-//! folds the additions). A *flush* subtracts it from the global and traps (`unreachable`) when
-//! the fuel left is below the limit. Flushes come at every loop header, before every way out of
+//! **The meter.** The rewrite (module `rewrite`) gives every module a one-page memory of its own:
+//! its first `i64` is the fuel left, its second the *limit*. Guest code cannot name it: guests
+//! are validated without multi-memory. (A global for the fuel would need the instance's context
+//! pointer as well as the memory's base in every loop; one base is one register fewer.) Each
+//! function gets an `i64` local that accumulates the cost of the basic blocks it has run (a
+//! constant per block: Cranelift folds the additions). A *flush* subtracts it from the fuel and
+//! traps (`unreachable`) when the fuel left is below the limit. Flushes come at every loop header, before every way out of
 //! the function (`return`, a branch to its own label, its `end`, a tail call), before a call
 //! that may reach a host function, and before a bulk instruction. So execution between two
 //! flushes is bounded by one function body plus the nesting of calls (which the stack limit
@@ -47,10 +47,11 @@ use super::Cancel;
 
 /// Export names of what the rewrite adds. A guest may not export a name with this prefix.
 pub const RESERVED_EXPORT_PREFIX: &str = "__accrete_";
-/// The fuel-left global.
-pub const FUEL_EXPORT: &str = "__accrete_fuel";
-/// The meter's memory; its first `i64` is the limit.
+/// The meter's memory.
 pub const METER_EXPORT: &str = "__accrete_meter";
+/// Where the meter's memory holds the fuel left, and the limit (both `i64`).
+pub const FUEL_OFFSET: u64 = 0;
+pub const LIMIT_OFFSET: u64 = 8;
 /// The module's own start function, which the rewrite turns into an export so that it runs
 /// under the meter (a start section runs during instantiation, before the fuel is set).
 pub const START_EXPORT: &str = "__accrete_start";
@@ -89,8 +90,6 @@ pub(super) fn cost(op: &Operator<'_>) -> i64 {
 /// What the meter needs to instrument one function body.
 #[derive(Clone, Copy)]
 pub(super) struct Slots {
-    /// The fuel-left global.
-    pub fuel: u32,
     /// The meter's memory.
     pub memory: u32,
     /// The body's `i64` accumulator local.
@@ -228,13 +227,16 @@ impl BodyMeter {
 
     /// `fuel -= spent + pending; if fuel < limit { trap }; spent = 0`.
     fn flush(&mut self, f: &mut Function) {
-        let Slots {
-            fuel,
-            memory,
-            spent,
-            ..
-        } = self.slots;
-        f.instruction(&Instruction::GlobalGet(fuel));
+        let Slots { memory, spent, .. } = self.slots;
+        let word = |offset| MemArg {
+            offset,
+            align: 3,
+            memory_index: memory,
+        };
+        // The store's address, then the new fuel.
+        f.instruction(&Instruction::I32Const(0));
+        f.instruction(&Instruction::I32Const(0));
+        f.instruction(&Instruction::I64Load(word(FUEL_OFFSET)));
         f.instruction(&Instruction::LocalGet(spent));
         f.instruction(&Instruction::I64Sub);
         let pending = std::mem::take(&mut self.pending);
@@ -244,14 +246,10 @@ impl BodyMeter {
         }
         // The accumulator holds the new fuel for a moment, instead of one more local.
         f.instruction(&Instruction::LocalTee(spent));
-        f.instruction(&Instruction::GlobalSet(fuel));
+        f.instruction(&Instruction::I64Store(word(FUEL_OFFSET)));
         f.instruction(&Instruction::LocalGet(spent));
         f.instruction(&Instruction::I32Const(0));
-        f.instruction(&Instruction::I64Load(MemArg {
-            offset: 0,
-            align: 3,
-            memory_index: memory,
-        }));
+        f.instruction(&Instruction::I64Load(word(LIMIT_OFFSET)));
         f.instruction(&Instruction::I64LtS);
         f.instruction(&Instruction::If(BlockType::Empty));
         f.instruction(&Instruction::Unreachable);
@@ -271,6 +269,18 @@ impl BodyMeter {
         f.instruction(&Instruction::I64Add);
         f.instruction(&Instruction::LocalSet(spent));
     }
+}
+
+/// Sets the fuel left in a meter memory's bytes.
+pub(super) fn set_fuel(meter: &mut [u8], fuel: i64) {
+    let at = FUEL_OFFSET as usize;
+    meter[at..at + 8].copy_from_slice(&fuel.to_le_bytes());
+}
+
+/// The fuel left in a meter memory's bytes.
+pub(super) fn fuel(meter: &[u8]) -> i64 {
+    let at = FUEL_OFFSET as usize;
+    i64::from_le_bytes(meter[at..at + 8].try_into().expect("eight bytes"))
 }
 
 /// Why the watchdog stopped a run.

@@ -33,7 +33,7 @@
 //! (integer or vector loads and stores, data segments) are left as they are. The checks are the
 //! sandbox's, not the guest's: they cost no fuel.
 
-use wasm_encoder::{Function, Ieee32, Ieee64, Instruction};
+use wasm_encoder::{BlockType, Function, Ieee32, Ieee64, Instruction, ValType};
 use wasmparser::Operator;
 
 /// The canonical quiet NaNs: sign clear, quiet bit set, payload zero.
@@ -59,47 +59,58 @@ pub(super) enum Kind {
 }
 
 /// Replaces the value on top of the stack with the canonical NaN where it is a NaN (per lane
-/// for vectors): `t = top; select(t, NaN, t >= -inf)`, or `bitselect(t, NaN, t == t)` by lane
-/// for vectors (a vector compare makes a mask either way).
+/// for vectors). A scalar takes a branch, `if t >= -inf { t } else { NaN }`: the common path is
+/// one compare and a jump the CPU predicts, and the NaN constant lives only in the other arm (a
+/// `select` needs it in a register at every check, which Cranelift hoists out of loops and then
+/// spills). A vector is `bitselect(t, NaN, t == t)` by lane: a vector compare makes a mask
+/// either way.
 pub(super) fn canonicalise(f: &mut Function, kind: Kind, scratch: Scratch) {
-    let (local, nan, test) = match kind {
-        Kind::F32 => (
-            scratch.f32,
-            Instruction::F32Const(Ieee32::new(CANONICAL_F32)),
-            [
-                Instruction::F32Const(Ieee32::new(f32::NEG_INFINITY.to_bits())),
-                Instruction::F32Ge,
-            ],
-        ),
-        Kind::F64 => (
-            scratch.f64,
-            Instruction::F64Const(Ieee64::new(CANONICAL_F64)),
-            [
-                Instruction::F64Const(Ieee64::new(f64::NEG_INFINITY.to_bits())),
-                Instruction::F64Ge,
-            ],
-        ),
-        Kind::F32x4 => (
-            scratch.v128,
-            Instruction::V128Const(i128::from_le_bytes(splat(&CANONICAL_F32.to_le_bytes()))),
-            [Instruction::LocalGet(scratch.v128), Instruction::F32x4Eq],
-        ),
-        Kind::F64x2 => (
-            scratch.v128,
-            Instruction::V128Const(i128::from_le_bytes(splat(&CANONICAL_F64.to_le_bytes()))),
-            [Instruction::LocalGet(scratch.v128), Instruction::F64x2Eq],
-        ),
+    let scalar = |f: &mut Function, local, ty, neg_inf, ge, nan| {
+        f.instruction(&Instruction::LocalTee(local));
+        f.instruction(&neg_inf);
+        f.instruction(&ge);
+        f.instruction(&Instruction::If(BlockType::Result(ty)));
+        f.instruction(&Instruction::LocalGet(local));
+        f.instruction(&Instruction::Else);
+        f.instruction(&nan);
+        f.instruction(&Instruction::End);
     };
-    f.instruction(&Instruction::LocalTee(local));
-    f.instruction(&nan);
-    f.instruction(&Instruction::LocalGet(local));
-    for instruction in &test {
-        f.instruction(instruction);
+    let vector = |f: &mut Function, eq, nan| {
+        f.instruction(&Instruction::LocalTee(scratch.v128));
+        f.instruction(&nan);
+        f.instruction(&Instruction::LocalGet(scratch.v128));
+        f.instruction(&Instruction::LocalGet(scratch.v128));
+        f.instruction(&eq);
+        f.instruction(&Instruction::V128Bitselect);
+    };
+    match kind {
+        Kind::F32 => scalar(
+            f,
+            scratch.f32,
+            ValType::F32,
+            Instruction::F32Const(Ieee32::new(f32::NEG_INFINITY.to_bits())),
+            Instruction::F32Ge,
+            Instruction::F32Const(Ieee32::new(CANONICAL_F32)),
+        ),
+        Kind::F64 => scalar(
+            f,
+            scratch.f64,
+            ValType::F64,
+            Instruction::F64Const(Ieee64::new(f64::NEG_INFINITY.to_bits())),
+            Instruction::F64Ge,
+            Instruction::F64Const(Ieee64::new(CANONICAL_F64)),
+        ),
+        Kind::F32x4 => vector(
+            f,
+            Instruction::F32x4Eq,
+            Instruction::V128Const(i128::from_le_bytes(splat(&CANONICAL_F32.to_le_bytes()))),
+        ),
+        Kind::F64x2 => vector(
+            f,
+            Instruction::F64x2Eq,
+            Instruction::V128Const(i128::from_le_bytes(splat(&CANONICAL_F64.to_le_bytes()))),
+        ),
     }
-    f.instruction(&match kind {
-        Kind::F32 | Kind::F64 => Instruction::Select,
-        Kind::F32x4 | Kind::F64x2 => Instruction::V128Bitselect,
-    });
 }
 
 /// 16 bytes of `lane` repeated.

@@ -3,8 +3,8 @@
 //! (module `meter`), in a single re-encoding of the module with wasm-encoder.
 //!
 //! What it adds to a module, all past the guest's own index spaces so no guest index moves:
-//! five scratch locals per function; the fuel global and the meter memory, exported as
-//! [`meter::FUEL_EXPORT`] and [`meter::METER_EXPORT`]; and, for a module with a start function,
+//! five scratch locals per function; the meter memory, exported as [`meter::METER_EXPORT`];
+//! and, for a module with a start function,
 //! an empty function that becomes the start function while the real one is exported as
 //! [`meter::START_EXPORT`], for the sandbox to call under the meter. A section the module lacks
 //! is added where the binary format puts it. DWARF and code metadata are dropped: they locate
@@ -12,8 +12,8 @@
 
 use wasm_encoder::reencode::{self, Reencode};
 use wasm_encoder::{
-    CodeSection, ConstExpr, ExportKind, ExportSection, Function, FunctionSection, GlobalSection,
-    GlobalType, Instruction, MemorySection, MemoryType, SectionId, TypeSection, ValType,
+    CodeSection, ExportKind, ExportSection, Function, FunctionSection, Instruction, MemorySection,
+    MemoryType, SectionId, TypeSection, ValType,
 };
 use wasmparser::{FunctionBody, Parser, Payload, TypeRef};
 
@@ -61,11 +61,10 @@ pub fn rewrite(wasm: &[u8], options: Options) -> Result<Vec<u8>, RewriteError> {
 }
 
 /// Sections the pass may have to add, in binary order.
-const ADDED: [SectionId; 6] = [
+const ADDED: [SectionId; 5] = [
     SectionId::Type,
     SectionId::Function,
     SectionId::Memory,
-    SectionId::Global,
     SectionId::Export,
     SectionId::Code,
 ];
@@ -100,7 +99,6 @@ struct Rewriter {
     types: u32,
     imported_functions: u32,
     functions: u32,
-    globals: u32,
     memories: u32,
     /// The module's start function, which becomes an export.
     start: Option<u32>,
@@ -113,7 +111,7 @@ impl Rewriter {
         let err = |e: wasmparser::BinaryReaderError| RewriteError(e.to_string());
         let mut type_params = Vec::new();
         let mut params = Vec::new();
-        let (mut imported_functions, mut functions, mut globals, mut memories) = (0, 0, 0, 0);
+        let (mut imported_functions, mut functions, mut memories) = (0, 0, 0);
         let mut start = None;
         for payload in Parser::new(0).parse_all(wasm) {
             match payload.map_err(err)? {
@@ -129,7 +127,6 @@ impl Rewriter {
                                 imported_functions += 1;
                                 functions += 1;
                             }
-                            TypeRef::Global(_) => globals += 1,
                             TypeRef::Memory(_) => memories += 1,
                             _ => {}
                         }
@@ -145,7 +142,6 @@ impl Rewriter {
                         functions += 1;
                     }
                 }
-                Payload::GlobalSection(section) => globals += section.count(),
                 Payload::MemorySection(section) => memories += section.count(),
                 Payload::ExportSection(exports) => {
                     for export in exports {
@@ -170,7 +166,6 @@ impl Rewriter {
             types: type_params.len() as u32,
             imported_functions,
             functions,
-            globals,
             memories,
             // The start function becomes an export only to run under the meter.
             start: start.filter(|_| options.meter),
@@ -181,10 +176,6 @@ impl Rewriter {
     /// The empty start function's index and type, when the module has a start function.
     fn trampoline(&self) -> Option<(u32, u32)> {
         self.start.map(|_| (self.functions, self.types))
-    }
-
-    fn fuel_global(&self) -> u32 {
-        self.globals
     }
 
     fn meter_memory(&self) -> u32 {
@@ -223,23 +214,8 @@ impl Rewriter {
         }
     }
 
-    fn add_globals(&self, globals: &mut GlobalSection) {
-        if self.options.meter {
-            // The sandbox sets the budget after instantiation, before any guest code runs.
-            globals.global(
-                GlobalType {
-                    val_type: ValType::I64,
-                    mutable: true,
-                    shared: false,
-                },
-                &ConstExpr::i64_const(0),
-            );
-        }
-    }
-
     fn add_exports(&self, exports: &mut ExportSection) {
         if self.options.meter {
-            exports.export(meter::FUEL_EXPORT, ExportKind::Global, self.fuel_global());
             exports.export(meter::METER_EXPORT, ExportKind::Memory, self.meter_memory());
         }
         if let Some(start) = self.start {
@@ -275,13 +251,6 @@ impl Rewriter {
             SectionId::Memory => {
                 let mut s = MemorySection::new();
                 self.add_memories(&mut s);
-                if !s.is_empty() {
-                    module.section(&s);
-                }
-            }
-            SectionId::Global => {
-                let mut s = GlobalSection::new();
-                self.add_globals(&mut s);
                 if !s.is_empty() {
                     module.section(&s);
                 }
@@ -363,16 +332,6 @@ impl Reencode for Rewriter {
         Ok(())
     }
 
-    fn parse_global_section(
-        &mut self,
-        globals: &mut GlobalSection,
-        section: wasmparser::GlobalSectionReader<'_>,
-    ) -> Reencoded<()> {
-        reencode::utils::parse_global_section(self, globals, section)?;
-        self.add_globals(globals);
-        Ok(())
-    }
-
     fn parse_export_section(
         &mut self,
         exports: &mut ExportSection,
@@ -441,7 +400,6 @@ impl Reencode for Rewriter {
             v128: next_local + 2,
         };
         let slots = meter::Slots {
-            fuel: self.fuel_global(),
             memory: self.meter_memory(),
             spent: next_local + 3,
             length: next_local + 4,

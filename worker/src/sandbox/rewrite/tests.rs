@@ -46,30 +46,44 @@ fn bytes(seed: u64, len: usize) -> Vec<u8> {
 #[derive(Debug, Default, PartialEq)]
 struct Survey {
     ops: usize,
-    nan_sites: usize,
+    /// Scalar checks (before stores and the like) and vector ones (after vector arithmetic).
+    scalar_sites: usize,
+    vector_sites: usize,
     loops: usize,
     host_calls: usize,
     meter_reads: usize,
-    /// Loops whose first instruction reads the fuel global (global `fuel`).
+    /// Loops whose code begins with the meter's flush: two addresses, then the fuel's load.
     metered_loops: usize,
 }
 
-fn survey_code(wasm: &[u8], imported_functions: u32, meter: Option<(u32, u32)>) -> Survey {
+fn survey_code(wasm: &[u8], imported_functions: u32, meter: Option<u32>) -> Survey {
     let mut s = Survey::default();
     for payload in Parser::new(0).parse_all(wasm) {
         if let Payload::CodeSectionEntry(body) = payload.unwrap() {
-            let mut after_loop = false;
+            // Instructions since the last `loop`, up to three.
+            let mut since_loop: Option<Vec<Operator>> = None;
             for op in body.get_operators_reader().unwrap() {
                 let op = op.unwrap();
-                if std::mem::take(&mut after_loop)
-                    && let Operator::GlobalGet { global_index } = op
-                {
-                    s.metered_loops += usize::from(Some(global_index) == meter.map(|m| m.1));
+                if let Some(ops) = since_loop.as_mut() {
+                    ops.push(op.clone());
+                    if let [
+                        Operator::I32Const { value: 0 },
+                        Operator::I32Const { value: 0 },
+                        Operator::I64Load { memarg },
+                    ] = ops.as_slice()
+                    {
+                        s.metered_loops += usize::from(Some(memarg.memory) == meter);
+                    }
+                    if ops.len() == 3 {
+                        since_loop = None;
+                    }
                 }
-                after_loop = matches!(op, Operator::Loop { .. });
+                if matches!(op, Operator::Loop { .. }) {
+                    since_loop = Some(Vec::new());
+                }
                 s.ops += 1;
-                s.nan_sites += usize::from(nan::observes_top(&op).is_some())
-                    + usize::from(nan::vector_arithmetic(&op).is_some());
+                s.scalar_sites += usize::from(nan::observes_top(&op).is_some());
+                s.vector_sites += usize::from(nan::vector_arithmetic(&op).is_some());
                 match op {
                     Operator::Loop { .. } => s.loops += 1,
                     Operator::Call { function_index } if function_index < imported_functions => {
@@ -78,7 +92,7 @@ fn survey_code(wasm: &[u8], imported_functions: u32, meter: Option<(u32, u32)>) 
                     Operator::CallIndirect { .. } | Operator::ReturnCallIndirect { .. } => {
                         s.host_calls += 1
                     }
-                    Operator::I64Load { memarg } if Some(memarg.memory) == meter.map(|m| m.0) => {
+                    Operator::I64Load { memarg } if Some(memarg.memory) == meter => {
                         s.meter_reads += 1
                     }
                     _ => {}
@@ -102,9 +116,10 @@ fn modules(guest: &Engine) -> impl Iterator<Item = (u64, Vec<u8>)> + '_ {
     })
 }
 
-/// With the NaN checks alone, every valid module stays valid and gains exactly one
-/// six-instruction check per place that needs one: the rewrite numbers its scratch locals after
-/// each function's own, keeps stack types, and copies everything else.
+/// With the NaN checks alone, every valid module stays valid and gains exactly one check per
+/// place that needs one (eight instructions for a scalar, six for a vector): the rewrite
+/// numbers its scratch locals after each function's own, keeps stack types, and copies
+/// everything else.
 #[test]
 fn random_valid_modules_stay_valid_with_one_check_per_observation() {
     let (guest, sandbox) = engines();
@@ -121,9 +136,10 @@ fn random_valid_modules_stay_valid_with_one_check_per_observation() {
             survey_code(&wasm, 0, None),
             survey_code(&rewritten, 0, None),
         );
-        assert_eq!(after.ops, before.ops + 6 * before.nan_sites, "seed {seed}");
+        let added = 8 * before.scalar_sites + 6 * before.vector_sites;
+        assert_eq!(after.ops, before.ops + added, "seed {seed}");
         count += 1;
-        checks += before.nan_sites;
+        checks += before.scalar_sites + before.vector_sites;
     }
     assert!(count >= 250, "only {count} modules generated");
     assert!(checks >= 500, "only {checks} checks in {count} modules");
@@ -144,8 +160,7 @@ fn random_valid_modules_stay_valid_with_the_meter_at_every_loop_and_call() {
         let survey = Rewriter::survey(&wasm, Options::SANDBOX).unwrap();
         let imports = survey.imported_functions;
         let before = survey_code(&wasm, imports, None);
-        let meter = (survey.meter_memory(), survey.fuel_global());
-        let after = survey_code(&rewritten, imports, Some(meter));
+        let after = survey_code(&rewritten, imports, Some(survey.meter_memory()));
         assert_eq!(after.metered_loops, before.loops, "seed {seed}");
         // Each function also pays at its end.
         assert!(
