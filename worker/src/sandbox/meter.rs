@@ -161,21 +161,18 @@ impl BodyMeter {
             | O::BrOnNull { relative_depth }
             | O::BrOnNonNull { relative_depth }
             | O::BrOnCast { relative_depth, .. }
-            | O::BrOnCastFail { relative_depth, .. } => self.leave_block(f, *relative_depth),
+            | O::BrOnCastFail { relative_depth, .. } => {
+                self.end_block(f, *relative_depth == self.depth)
+            }
             O::BrTable { targets } => {
                 let mut leaves = targets.default() == self.depth;
                 for target in targets.targets() {
                     leaves |= target? == self.depth;
                 }
-                if leaves {
-                    self.flush(f);
-                } else {
-                    self.spend(f);
-                }
+                self.end_block(f, leaves);
             }
             O::If { .. } | O::Else | O::Loop { .. } => self.spend(f),
-            O::End if self.depth == 0 => self.flush(f),
-            O::End => self.spend(f),
+            O::End => self.end_block(f, self.depth == 0),
             O::MemoryFill { .. }
             | O::MemoryCopy { .. }
             | O::MemoryInit { .. }
@@ -205,9 +202,10 @@ impl BodyMeter {
         }
     }
 
-    /// A branch: one to the function's own label returns, and must pay first.
-    fn leave_block(&mut self, f: &mut Function, relative_depth: u32) {
-        if relative_depth == self.depth {
+    /// The end of a basic block; one that may leave the function (a branch to the function's
+    /// own label, or its `end`) must pay first.
+    fn end_block(&mut self, f: &mut Function, leaves_function: bool) {
+        if leaves_function {
             self.flush(f);
         } else {
             self.spend(f);
