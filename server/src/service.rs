@@ -79,6 +79,33 @@ impl Api {
         };
         self.auth.worker(&auth.worker_id, &auth.token).await
     }
+
+    /// Claimed replicas as the worker sees them, and how long to wait if there are none.
+    fn assignments(&self, claimed: Vec<store::Claimed>) -> (Vec<pb::Assignment>, u32) {
+        let assignments: Vec<pb::Assignment> = claimed
+            .into_iter()
+            .map(|c| pb::Assignment {
+                replica_id: c.replica_id as u64,
+                work_unit_id: c.wu_id as u64,
+                random_seed: u64::from_le_bytes(c.input_hash[..8].try_into().unwrap_or_default()),
+                module_hash: c.module_hash,
+                input: c.input,
+                bounds: Some(pb::ResourceBounds {
+                    fuel: c.fuel as u64,
+                    memory_bytes: c.memory_bytes as u64,
+                    output_bytes: c.output_bytes as u64,
+                    wall_ms: c.wall_ms as u64,
+                }),
+                deadline_unix: c.deadline_unix,
+            })
+            .collect();
+        let retry_after_ms = if assignments.is_empty() {
+            self.limits.idle_retry_ms
+        } else {
+            0
+        };
+        (assignments, retry_after_ms)
+    }
 }
 
 fn hash32(bytes: &[u8], what: &str) -> Result<[u8; 32], Error> {
@@ -240,28 +267,7 @@ impl WorkerService for Api {
                 _ => {}
             }
         }
-        let assignments: Vec<pb::Assignment> = claimed
-            .into_iter()
-            .map(|c| pb::Assignment {
-                replica_id: c.replica_id as u64,
-                work_unit_id: c.wu_id as u64,
-                random_seed: u64::from_le_bytes(c.input_hash[..8].try_into().unwrap_or_default()),
-                module_hash: c.module_hash,
-                input: c.input,
-                bounds: Some(pb::ResourceBounds {
-                    fuel: c.fuel as u64,
-                    memory_bytes: c.memory_bytes as u64,
-                    output_bytes: c.output_bytes as u64,
-                    wall_ms: c.wall_ms as u64,
-                }),
-                deadline_unix: c.deadline_unix,
-            })
-            .collect();
-        let retry_after_ms = if assignments.is_empty() {
-            self.limits.idle_retry_ms
-        } else {
-            0
-        };
+        let (assignments, retry_after_ms) = self.assignments(claimed);
         Ok(Response::new(pb::FetchWorkResponse {
             assignments,
             retry_after_ms,
@@ -327,7 +333,13 @@ impl WorkerService for Api {
                 wall_micros: res.wall_micros.min(i64::MAX as u64) as i64,
             });
         }
-        let mut acks = self.store.report(worker, &reports, refused.len()).await?;
+        // A claim that follows asks for what a FetchWork may (its cap keeps the response,
+        // assignments and acks together, under the message limit).
+        let fetch = i64::from(r.fetch.min(self.limits.fetch_batch_cap()));
+        let (mut acks, claimed) = self
+            .store
+            .report_and_claim(worker, &reports, refused.len(), fetch)
+            .await?;
         acks.extend(refused.into_iter().map(|(id, why)| store::Ack {
             replica_id: id as i64,
             status: AckStatus::Rejected,
@@ -350,7 +362,16 @@ impl WorkerService for Api {
                 }
             })
             .collect();
-        Ok(Response::new(pb::ReportResultsResponse { acks }))
+        let (assignments, retry_after_ms) = if fetch > 0 {
+            self.assignments(claimed)
+        } else {
+            (Vec::new(), 0)
+        };
+        Ok(Response::new(pb::ReportResultsResponse {
+            acks,
+            assignments,
+            retry_after_ms,
+        }))
     }
 
     async fn heartbeat(

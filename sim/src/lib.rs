@@ -259,6 +259,7 @@ async fn worker(
             .report_results(pb::ReportResultsRequest {
                 auth: Some(auth.clone()),
                 results,
+                fetch: 0,
             })
             .await
             .context("ReportResults")?;

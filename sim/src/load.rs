@@ -76,6 +76,11 @@ pub struct Args {
     /// that is queueing by construction (1,000 callers always waiting).
     #[arg(long, default_value_t = 0.0)]
     pub rate: f64,
+    /// Report and fetch in two calls (ReportResults, then FetchWork) instead of one
+    /// (ReportResults with `fetch`, a claim in the report's transaction), as a worker built
+    /// before that option would.
+    #[arg(long)]
+    pub separate_fetch: bool,
     /// Seconds measured.
     #[arg(long, default_value_t = 60.0)]
     pub duration: f64,
@@ -409,7 +414,8 @@ pub struct FleetLog {
     pub errors: BTreeMap<String, u64>,
 }
 
-/// N simulated workers looping FetchWork(batch) -> ReportResults(batch) over real gRPC.
+/// N simulated workers looping over real gRPC: report a batch and take the next (FetchWork only
+/// when they hold none).
 pub struct Fleet {
     shared: Arc<Shared>,
     tasks: Vec<JoinHandle<anyhow::Result<WorkerLog>>>,
@@ -418,6 +424,8 @@ pub struct Fleet {
 impl Fleet {
     /// Registers `n` workers (worker i on `urls[i % urls.len()]`, each on its own connection
     /// and volunteer account, platforms alternating x86_64/aarch64), then starts them all.
+    /// Each reports its results and takes its next batch in one call (ReportResults with
+    /// `fetch`), or with `separate` in two (ReportResults, then FetchWork).
     /// With `track`, every replica handed out is logged.
     /// With `round`, each worker starts a fetch-report round at most once per `round`, the
     /// workers' rounds staggered evenly across it (simulated compute time); without, as fast as
@@ -426,6 +434,7 @@ impl Fleet {
         urls: &[String],
         n: usize,
         batch: u32,
+        separate: bool,
         track: bool,
         round: Option<Duration>,
     ) -> anyhow::Result<Fleet> {
@@ -491,7 +500,13 @@ impl Fleet {
                     round: r,
                     offset: r.mul_f64(i as f64 / n as f64),
                 });
-                tokio::spawn(work(client, auth, i, batch, track, pacing, shared.clone()))
+                let how = How {
+                    batch,
+                    separate,
+                    track,
+                    pacing,
+                };
+                tokio::spawn(work(client, auth, i, how, shared.clone()))
             })
             .collect();
         Ok(Fleet { shared, tasks })
@@ -572,6 +587,15 @@ fn result_for(a: &pb::Assignment) -> pb::ReplicaResult {
     }
 }
 
+/// How one simulated worker runs (see [`Fleet::start`]).
+#[derive(Clone, Copy)]
+struct How {
+    batch: u32,
+    separate: bool,
+    track: bool,
+    pacing: Option<Pacing>,
+}
+
 /// A paced worker's round length and its place in the fleet's stagger.
 #[derive(Clone, Copy)]
 struct Pacing {
@@ -583,74 +607,93 @@ async fn work(
     mut client: WorkerServiceClient<Channel>,
     auth: pb::WorkerAuth,
     index: usize,
-    batch: u32,
-    track: bool,
-    pacing: Option<Pacing>,
+    how: How,
     shared: Arc<Shared>,
 ) -> anyhow::Result<WorkerLog> {
+    let How {
+        batch,
+        separate,
+        track,
+        pacing,
+    } = how;
     let mut log = WorkerLog::default();
     let mut next_round = tokio::time::Instant::now() + pacing.map_or(Duration::ZERO, |p| p.offset);
-    while !shared.stop.load(Ordering::Relaxed) {
-        if let Some(p) = pacing {
+    // What the last report's claim handed out: reported next round, without a FetchWork.
+    let mut held: Vec<pb::Assignment> = Vec::new();
+    loop {
+        let stopping = shared.stop.load(Ordering::Relaxed);
+        if stopping && held.is_empty() {
+            break;
+        }
+        if !stopping && let Some(p) = pacing {
             tokio::time::sleep_until(next_round).await;
             // A round that overran starts the next at once, without trying to catch up.
             next_round = (next_round + p.round).max(tokio::time::Instant::now());
         }
-        let measuring = shared.measuring.load(Ordering::Relaxed);
-        let started = Instant::now();
-        let fetched = client
-            .fetch_work(pb::FetchWorkRequest {
-                auth: Some(auth.clone()),
-                max: batch,
-                resume: false,
-            })
-            .await;
-        let elapsed = started.elapsed();
-        let response = match fetched {
-            Ok(r) => r.into_inner(),
-            Err(s) if s.code() == tonic::Code::ResourceExhausted => {
-                // The daily quota: wait, as the real worker does (it waits a minute).
-                shared.quota_refusals.fetch_add(1, Ordering::Relaxed);
-                tokio::time::sleep(Duration::from_secs(1)).await;
+        if held.is_empty() {
+            let measuring = shared.measuring.load(Ordering::Relaxed);
+            let started = Instant::now();
+            let fetched = client
+                .fetch_work(pb::FetchWorkRequest {
+                    auth: Some(auth.clone()),
+                    max: batch,
+                    resume: false,
+                })
+                .await;
+            let elapsed = started.elapsed();
+            let response = match fetched {
+                Ok(r) => r.into_inner(),
+                Err(s) if s.code() == tonic::Code::ResourceExhausted => {
+                    // The daily quota: wait, as the real worker does (it waits a minute).
+                    shared.quota_refusals.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+                Err(s) => {
+                    shared.error(format!("FetchWork {:?}", s.code()));
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            if measuring {
+                log.fetch_us.push(micros(elapsed));
+            }
+            if response.assignments.is_empty() {
+                shared.empty_fetches.fetch_add(1, Ordering::Relaxed);
+                let wait = u64::from(response.retry_after_ms).clamp(20, 1000);
+                tokio::time::sleep(Duration::from_millis(wait)).await;
                 continue;
             }
-            Err(s) => {
-                shared.error(format!("FetchWork {:?}", s.code()));
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
+            held = response.assignments;
+            if track {
+                log.handed_out
+                    .extend(held.iter().map(|a| handed_out(a, index)));
             }
+        }
+        // Report, and (unless stopping) take the next batch in the same call, as a busy
+        // worker does.
+        let fetch = if separate || shared.stop.load(Ordering::Relaxed) {
+            0
+        } else {
+            batch
         };
-        if measuring {
-            log.fetch_us.push(micros(elapsed));
-        }
-        if response.assignments.is_empty() {
-            shared.empty_fetches.fetch_add(1, Ordering::Relaxed);
-            let wait = u64::from(response.retry_after_ms).clamp(20, 1000);
-            tokio::time::sleep(Duration::from_millis(wait)).await;
-            continue;
-        }
-        if track {
-            log.handed_out
-                .extend(response.assignments.iter().map(|a| HandedOut {
-                    replica_id: a.replica_id,
-                    wu_id: a.work_unit_id,
-                    worker: index,
-                }));
-        }
         let request = pb::ReportResultsRequest {
             auth: Some(auth.clone()),
-            results: response.assignments.iter().map(result_for).collect(),
+            results: held.iter().map(result_for).collect(),
+            fetch,
         };
         // A failed report is sent again: the server acknowledges a repeat as a duplicate.
+        let mut next = Vec::new();
         for attempt in 1.. {
             let measuring = shared.measuring.load(Ordering::Relaxed);
             let started = Instant::now();
             match client.report_results(request.clone()).await {
                 Ok(r) => {
+                    let r = r.into_inner();
                     if measuring {
                         log.report_us.push(micros(started.elapsed()));
                     }
-                    for ack in r.into_inner().acks {
+                    for ack in &r.acks {
                         match ack.status() {
                             pb::ReportStatus::Accepted => {
                                 shared.completed.fetch_add(1, Ordering::Relaxed);
@@ -661,6 +704,7 @@ async fn work(
                             }
                         }
                     }
+                    next = r.assignments;
                     break;
                 }
                 Err(s) => {
@@ -672,8 +716,21 @@ async fn work(
                 }
             }
         }
+        if track {
+            log.handed_out
+                .extend(next.iter().map(|a| handed_out(a, index)));
+        }
+        held = next;
     }
     Ok(log)
+}
+
+fn handed_out(a: &pb::Assignment, worker: usize) -> HandedOut {
+    HandedOut {
+        replica_id: a.replica_id,
+        wu_id: a.work_unit_id,
+        worker,
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -917,6 +974,8 @@ pub struct ThroughputReport {
     pub workers: usize,
     pub processes: usize,
     pub batch: u32,
+    /// Workers fetched with FetchWork after each report, rather than in it.
+    pub separate_fetch: bool,
     pub db_connections: u32,
     /// Replicas/s the fleet offered (`--rate`); 0: as fast as answered.
     pub offered_rate: f64,
@@ -980,7 +1039,15 @@ async fn measure(
     );
     let round = (args.rate > 0.0)
         .then(|| Duration::from_secs_f64(f64::from(args.batch) * args.workers as f64 / args.rate));
-    let fleet = Fleet::start(urls, args.workers, args.batch, false, round).await?;
+    let fleet = Fleet::start(
+        urls,
+        args.workers,
+        args.batch,
+        args.separate_fetch,
+        false,
+        round,
+    )
+    .await?;
     tokio::time::sleep(Duration::from_secs_f64(args.warmup)).await;
 
     let snapshot = async || -> anyhow::Result<Snapshot> {
@@ -1039,6 +1106,7 @@ async fn measure(
         offered_rate: args.rate,
         processes: urls.len(),
         batch: args.batch,
+        separate_fetch: args.separate_fetch,
         db_connections: args.db_connections,
         submitted: Some(submitted),
         secs,
@@ -1120,8 +1188,15 @@ impl ThroughputReport {
             self.fetch_ms.0, self.fetch_ms.1, self.fetch_ms.2
         );
         s += &format!(
-            "  ReportResults p50 {:>7.2} ms  p99 {:>7.2} ms  ({} calls)\n",
-            self.report_ms.0, self.report_ms.1, self.report_ms.2
+            "  ReportResults p50 {:>7.2} ms  p99 {:>7.2} ms  ({} calls{})\n",
+            self.report_ms.0,
+            self.report_ms.1,
+            self.report_ms.2,
+            if self.separate_fetch {
+                ""
+            } else {
+                ", each also claiming the next batch: FetchWork is called only by a worker holding none"
+            }
         );
         if let Some(c) = self.server_cores {
             s += &format!("  CPU cores used: servers {c:.2}");
@@ -1216,6 +1291,7 @@ impl ThroughputReport {
         json!({
             "mode": "throughput",
             "workers": self.workers, "offered_rate": self.offered_rate, "processes": self.processes, "batch": self.batch,
+            "separate_fetch": self.separate_fetch,
             "db_connections_per_process": self.db_connections,
             "submitted_work_units": self.submitted.as_ref().map(|s| s.work_units),
             "submit_secs": self.submitted.as_ref().map(|s| s.secs),
@@ -1485,7 +1561,9 @@ async fn probe(args: &Args, urls: &[String], pids: &[u32], queued: usize) -> any
     let round = (args.probe_rate > 0.0).then(|| {
         Duration::from_secs_f64(f64::from(args.batch) * args.probe_workers as f64 / args.probe_rate)
     });
-    let fleet = Fleet::start(urls, args.probe_workers, args.batch, false, round).await?;
+    // FetchWork apart from the report, so that the claim's own latency is what is compared
+    // between the two queues.
+    let fleet = Fleet::start(urls, args.probe_workers, args.batch, true, false, round).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let before = fleet.completed();
     fleet.measure(true);

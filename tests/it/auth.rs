@@ -422,6 +422,7 @@ async fn a_blocked_worker_is_refused_every_call_until_unblocked() {
         .report_results(pb::ReportResultsRequest {
             auth: Some(w.clone()),
             results: vec![success(held[0].replica_id, OUTPUT)],
+            fetch: 0,
         })
         .await
         .unwrap_err();

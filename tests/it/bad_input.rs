@@ -347,6 +347,7 @@ async fn outputs_a_lying_worker_reports_are_checked_again_by_the_server() {
     w.report_results(pb::ReportResultsRequest {
         auth: Some(auth.clone()),
         results,
+        fetch: 0,
     })
     .await
     .unwrap();
@@ -559,6 +560,7 @@ async fn unknown_studies_findings_and_replicas_are_not_found() {
                 })),
                 wall_micros: 0,
             }],
+            fetch: 0,
         })
         .await
         .unwrap()

@@ -352,6 +352,7 @@ async fn a_report_cut_off_after_commit_is_a_duplicate_when_retried() {
         .report_results(pb::ReportResultsRequest {
             auth: Some(a.clone()),
             results: vec![success(replicas[0], output)],
+            fetch: 0,
         })
         .await
         .unwrap();
@@ -376,6 +377,7 @@ async fn a_report_cut_off_after_commit_is_a_duplicate_when_retried() {
     let request = pb::ReportResultsRequest {
         auth: Some(b.clone()),
         results: vec![success(replicas[1], output)],
+        fetch: 0,
     };
     let cut_off = tokio::spawn({
         let request = request.clone();

@@ -518,6 +518,7 @@ async fn oversized_modules_inputs_outputs_and_requests_are_refused_each_by_its_c
         .report_results(pb::ReportResultsRequest {
             auth: Some(auth.clone()),
             results: vec![success(vec![b' '; 2000])],
+            fetch: 0,
         })
         .await
         .unwrap()
@@ -541,6 +542,7 @@ async fn oversized_modules_inputs_outputs_and_requests_are_refused_each_by_its_c
         .report_results(pb::ReportResultsRequest {
             auth: Some(auth.clone()),
             results: vec![success(vec![b' '; 200_000])],
+            fetch: 0,
         })
         .await
         .expect_err("oversized report");

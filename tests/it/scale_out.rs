@@ -38,7 +38,7 @@ async fn three_server_processes_on_one_database_hand_out_each_replica_once() {
         .unwrap()
         .study_ids[0];
     // Worker i talks to server i mod 3; small batches, so claims interleave a lot.
-    let fleet = Fleet::start(&servers.urls, WORKERS, 4, true, None)
+    let fleet = Fleet::start(&servers.urls, WORKERS, 4, false, true, None)
         .await
         .unwrap();
     eventually(TIMEOUT, "every work unit settled", || async {

@@ -78,6 +78,7 @@ async fn disagreement_waits_for_a_tie_breaker_and_marks_the_odd_one_invalid() {
         .report_results(pb::ReportResultsRequest {
             auth: Some(wrong_token),
             results: vec![success(a.replica_id, lie)],
+            fetch: 0,
         })
         .await
         .unwrap_err();
@@ -619,4 +620,103 @@ async fn a_large_mixed_report_batch_leaves_exactly_the_expected_rows() {
 
 fn result_id(batch: &[pb::ReplicaResult]) -> u64 {
     batch.last().unwrap().replica_id
+}
+
+/// `ReportResults` with `fetch`: the next replicas come back in the same call (from the same
+/// transaction), never a second replica of a unit the worker holds; a claim that finds nothing
+/// (here the daily quota is used) leaves the report accepted and says when to ask again, and a
+/// plain FetchWork then says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_report_can_take_the_next_replicas_in_its_transaction() {
+    let app = TestApp::spawn().await;
+    let inputs = tiny_model_inputs(4, 40);
+    app.submit(
+        accrete_tasks::TINY_MODEL,
+        inputs.clone(),
+        policy(2),
+        bounds(),
+    )
+    .await;
+    let truth = |a: &pb::Assignment| {
+        let i = inputs.iter().position(|x| *x == a.input).unwrap();
+        native_tiny_model(&inputs[i])
+    };
+    let w = app.register("round-tripper").await;
+    let first = fetch_one(&app, &w).await;
+
+    let mut client = app.worker_client().await;
+    let round = |results, fetch| pb::ReportResultsRequest {
+        auth: Some(w.clone()),
+        results,
+        fetch,
+    };
+    let r = client
+        .report_results(round(vec![success(first.replica_id, &truth(&first))], 2))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.acks.len(), 1);
+    assert_eq!(r.acks[0].status(), pb::ReportStatus::Accepted);
+    assert_eq!(r.assignments.len(), 2, "{:?}", r.assignments);
+    assert_eq!(r.retry_after_ms, 0);
+    let mut units: Vec<u64> = r.assignments.iter().map(|a| a.work_unit_id).collect();
+    units.push(first.work_unit_id);
+    units.sort_unstable();
+    units.dedup();
+    assert_eq!(units.len(), 3, "one replica per unit per worker: {units:?}");
+    assert_eq!(
+        count(
+            &app,
+            "SELECT count(*) FROM replicas WHERE state = 'in_progress'"
+        )
+        .await,
+        2
+    );
+    assert_eq!(
+        count(&app, "SELECT quota_used::bigint FROM workers").await,
+        3,
+        "the claim in the report counts against the quota like a FetchWork"
+    );
+
+    // Quota used up: the report still counts, the claim hands out nothing.
+    sqlx::query(
+        "UPDATE workers SET quota_used = daily_quota,
+                            quota_day = (now() AT TIME ZONE 'UTC')::date",
+    )
+    .execute(app.store.pool())
+    .await
+    .unwrap();
+    let results = r
+        .assignments
+        .iter()
+        .map(|a| success(a.replica_id, &truth(a)))
+        .collect();
+    let r = client
+        .report_results(round(results, 4))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        r.acks
+            .iter()
+            .all(|a| a.status() == pb::ReportStatus::Accepted),
+        "{:?}",
+        r.acks
+    );
+    assert!(r.assignments.is_empty(), "{:?}", r.assignments);
+    assert!(r.retry_after_ms > 0);
+    assert_eq!(
+        count(
+            &app,
+            "SELECT count(*) FROM replicas WHERE state = 'success'"
+        )
+        .await,
+        3
+    );
+    let refused = app.fetch_as(&w, 1, false).await.unwrap_err();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
 }

@@ -350,6 +350,7 @@ impl TestApp {
             .report_results(pb::ReportResultsRequest {
                 auth: Some(auth.clone()),
                 results,
+                fetch: 0,
             })
             .await
             .expect("ReportResults")

@@ -67,6 +67,7 @@ pub(crate) async fn run(
                 let request = ReportResultsRequest {
                     auth: Some(auth),
                     results: batch.clone(),
+                    fetch: 0,
                 };
                 async move { client.report_results(request).await }
             })

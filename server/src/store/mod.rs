@@ -513,17 +513,7 @@ impl Store {
     /// round to the lanes before it (`behind`), rather than by everybody from its head, where
     /// every claim walked past the units all the others had just locked.
     pub async fn claim(&self, worker: Uuid, max: i64) -> Result<Vec<Claimed>, Error> {
-        let lane = rand::random_range(0..DISPATCH_LANES) as i32;
-        Ok(sqlx::query_as::<_, Claimed>(CLAIM)
-            .bind(worker)
-            .bind(max)
-            .bind(scheduler::TRUST_AFTER_CONSECUTIVE_VALID)
-            .bind(scheduler::TRUST_MAX_ERROR_RATE)
-            .bind(scheduler::PRIOR_WRONG)
-            .bind(scheduler::PRIOR_RIGHT)
-            .bind(lane)
-            .fetch_all(&self.hot)
-            .await?)
+        claim_on(&self.hot, worker, max).await
     }
 
     /// Progress of one study, or of all of them (`None`).
@@ -908,6 +898,25 @@ const CLAIM: &str = "WITH me AS (
            extract(epoch FROM m.deadline)::bigint AS deadline_unix
     FROM made m JOIN taken t ON t.id = m.wu_id
     ORDER BY m.id";
+
+/// [`Store::claim`] on a hot connection, or in a hot transaction (a report's: see
+/// [`Store::report_and_claim`]).
+pub(super) async fn claim_on<'e, E>(on: E, worker: Uuid, max: i64) -> Result<Vec<Claimed>, Error>
+where
+    E: sqlx::PgExecutor<'e>,
+{
+    let lane = rand::random_range(0..DISPATCH_LANES) as i32;
+    Ok(sqlx::query_as::<_, Claimed>(CLAIM)
+        .bind(worker)
+        .bind(max)
+        .bind(scheduler::TRUST_AFTER_CONSECUTIVE_VALID)
+        .bind(scheduler::TRUST_MAX_ERROR_RATE)
+        .bind(scheduler::PRIOR_WRONG)
+        .bind(scheduler::PRIOR_RIGHT)
+        .bind(lane)
+        .fetch_all(on)
+        .await?)
+}
 
 /// Settings of every connection. No JIT: every statement here is short, and with a large queue
 /// the planner's cost estimate for the claim crosses `jit_above_cost`, so each claim would spend
