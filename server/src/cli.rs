@@ -68,8 +68,9 @@ struct Args {
     #[arg(long, env = "ACCRETE_METRICS_LISTEN", value_name = "ADDR")]
     metrics_listen: Option<SocketAddr>,
     /// Database connections for the hot path (claims, reports, credential checks); everything
-    /// else shares a quarter as many more (at least two).
-    #[arg(long, env = "ACCRETE_DB_CONNECTIONS", default_value_t = 16)]
+    /// else shares a quarter as many more (at least two). About four per core of the database
+    /// is enough: with PostgreSQL on 2 cores, 16 made calls slower than 8 (BENCHMARKS.md).
+    #[arg(long, env = "ACCRETE_DB_CONNECTIONS", default_value_t = 8)]
     db_connections: u32,
     /// Seconds between scans for replicas past their deadline.
     #[arg(long, env = "ACCRETE_RESCUE_INTERVAL_SECS", default_value_t = 1.0)]

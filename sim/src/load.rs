@@ -100,8 +100,8 @@ pub struct Args {
     /// PostgreSQL server to make the throwaway database on (it is dropped at the end).
     #[arg(long, env = "ACCRETE_LOAD_DATABASE_URL", default_value = LOCAL_SERVER)]
     pub database_url: String,
-    /// Database connections of each server process (its --db-connections).
-    #[arg(long, default_value_t = 16)]
+    /// Database connections of each server process (its --db-connections; 8 is its default).
+    #[arg(long, default_value_t = 8)]
     pub db_connections: u32,
     /// Seconds the raw ceiling runs (0: skip it).
     #[arg(long, default_value_t = 15.0)]
