@@ -59,9 +59,9 @@ impl Rng {
         // 1 - u lies in (0, 1], so the logarithm is finite. `f64::sqrt`, not `libm::sqrt`: both
         // are correctly rounded, but on wasm32 libm's is a software routine three times slower.
         let r = (-2.0 * libm::log(1.0 - self.uniform())).sqrt();
-        let theta = TAU * self.uniform();
-        self.spare_gaussian = Some(r * libm::sin(theta));
-        r * libm::cos(theta)
+        let (sin, cos) = libm::sincos(TAU * self.uniform());
+        self.spare_gaussian = Some(r * sin);
+        r * cos
     }
 }
 
