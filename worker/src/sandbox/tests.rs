@@ -822,3 +822,36 @@ fn a_memory_bound_under_one_page_allows_one_page() {
     let outcome = sandbox().run(&m, b"", &bounds, 1);
     assert_eq!(failure(&outcome).0, FailureKind::BadOutput, "{outcome:?}");
 }
+
+/// Whatever a run writes, the next run of the module starts from zeroed memory and its data
+/// segments: in the part the pool keeps mapped between runs (restored by hand) and past it
+/// (unmapped), and in pages the run grew.
+#[test]
+fn every_run_starts_from_fresh_memory() {
+    let (kept, past_kept) = (2 << 20, (KEEP_RESIDENT_BYTES as u32) + (1 << 20));
+    // Prints {"metrics":{"a":A,"b":B}} from the data segment at 64, A and B the sums of words
+    // that a fresh memory holds as zeros, then overwrites those words and the data segment.
+    let scribbles: String = [64, 4096, kept, past_kept]
+        .map(|addr| format!("(i64.store (i32.const {addr}) (i64.const -1))"))
+        .concat();
+    let m = guest(
+        r#"{\"metrics\":{\"a\":,\"b\":}}"#,
+        &format!(
+            "(if (i32.lt_s (memory.grow (i32.const 99)) (i32.const 0)) (then unreachable))
+            (call $write (i32.const 64) (i32.const 16))
+            (call $write_u64 (i64.add (i64.load (i32.const 4096)) (i64.load (i32.const {kept}))))
+            (call $write (i32.const 80) (i32.const 5))
+            (call $write_u64 (i64.load (i32.const {past_kept})))
+            (call $write (i32.const 85) (i32.const 2))
+            {scribbles}"
+        ),
+    );
+    let bounds = Bounds {
+        memory_bytes: 100 << 16,
+        ..small()
+    };
+    for run in 0..20 {
+        let got = sandbox().run(&m, b"", &bounds, 5);
+        assert_eq!(output(&got), r#"{"metrics":{"a":0,"b":0}}"#, "run {run}");
+    }
+}
