@@ -7,9 +7,10 @@
 //! virtual machine the CPU's speed drifts by tens of percent over seconds, and a pair sees the
 //! same drift on both sides.
 //!
-//! `cargo run --release -p accrete-worker --example wasm_vs_native [-- RUNS [MODULE.wasm]]`
-//! (MODULE defaults to the embedded signal-search build; pass another build of the same guest,
-//! e.g. one with other target features, to compare it.)
+//! `cargo run --release -p accrete-worker --example wasm_vs_native [-- RUNS [MODULE.wasm
+//! [LOG2,...]]]` (MODULE defaults to the embedded signal-search build, `-` names it; pass another
+//! build of the same guest, e.g. one with other target features, to compare it. LOG2 lists the
+//! sizes, default `12,16,18,20`: small ones such as `4,8` show the fixed cost of a run.)
 
 use std::time::Duration;
 
@@ -27,9 +28,19 @@ fn main() -> anyhow::Result<()> {
         pooling: true,
     })?;
     let wasm = match std::env::args().nth(2) {
-        Some(path) => std::fs::read(path)?,
-        None => accrete_tasks::SIGNAL_SEARCH.to_vec(),
+        Some(path) if path != "-" => std::fs::read(path)?,
+        _ => accrete_tasks::SIGNAL_SEARCH.to_vec(),
     };
+    let sizes: Vec<u32> = match std::env::args().nth(3) {
+        Some(list) => list
+            .split(',')
+            .map(|s| s.trim().parse())
+            .collect::<Result<_, _>>()?,
+        None => vec![12, 16, 18, 20],
+    };
+    if let Some(bad) = sizes.iter().find(|&&log2| !(4..=20).contains(&log2)) {
+        anyhow::bail!("LOG2 {bad} is outside signal-search's sizes, 2^4 to 2^20");
+    }
     let wasm = wasm.as_slice();
     let module = sandbox.compile(*blake3::hash(wasm).as_bytes(), wasm)?;
     let bounds = Bounds {
@@ -46,7 +57,7 @@ fn main() -> anyhow::Result<()> {
         "| n | native (median) | wasm (median) | wasm / native (median of pairs) | middle half of pairs | fuel |"
     );
     println!("| --- | --- | --- | --- | --- | --- |");
-    for log2 in [12, 16, 18, 20] {
+    for log2 in sizes {
         let input = format!(r#"{{"n": {}, "seed": 7, "tone_hz": 123.4}}"#, 1u64 << log2);
         let input = input.as_bytes();
         let native_run = || {
