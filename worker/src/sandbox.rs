@@ -291,17 +291,21 @@ impl Sandbox {
         });
         let mut pooled = None;
         if config.pooling {
+            let mut refusal = None;
             for pool in pools {
                 match Engine::new(&engine_config(Some(pool))) {
                     Ok(engine) => {
                         pooled = Some(engine);
                         break;
                     }
-                    Err(e) => tracing::debug!(error = %e, ?pool, "pooling allocator refused"),
+                    Err(e) => {
+                        tracing::debug!(error = %e, ?pool, "pooling allocator refused");
+                        refusal = Some(e);
+                    }
                 }
             }
-            if pooled.is_none() {
-                tracing::warn!("pooling allocator unavailable; allocating on demand");
+            if let (None, Some(e)) = (&pooled, refusal) {
+                tracing::warn!(error = %e, "pooling allocator unavailable; allocating on demand");
             }
         }
         let pooling = pooled.is_some();
