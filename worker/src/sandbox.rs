@@ -285,28 +285,25 @@ impl Sandbox {
     pub fn new(config: &SandboxConfig) -> anyhow::Result<Self> {
         // The fastest allocator this host allows: the pool resetting only the pages a run wrote
         // (PAGEMAP_SCAN, Linux 6.7+), the pool resetting everything, then on-demand allocation.
-        let pools = [true, false].map(|scan_written_pages| Pool {
-            slots: config.max_concurrent_runs,
-            scan_written_pages,
-        });
-        let mut pooled = None;
-        if config.pooling {
-            let mut refusal = None;
-            for pool in pools {
-                match Engine::new(&engine_config(Some(pool))) {
-                    Ok(engine) => {
-                        pooled = Some(engine);
-                        break;
-                    }
-                    Err(e) => {
-                        tracing::debug!(error = %e, ?pool, "pooling allocator refused");
-                        refusal = Some(e);
-                    }
-                }
-            }
-            if let (None, Some(e)) = (&pooled, refusal) {
-                tracing::warn!(error = %e, "pooling allocator unavailable; allocating on demand");
-            }
+        let mut refusal = None;
+        let pooled = if config.pooling {
+            [true, false].into_iter().find_map(|scan_written_pages| {
+                let pool = Pool {
+                    slots: config.max_concurrent_runs,
+                    scan_written_pages,
+                };
+                Engine::new(&engine_config(Some(pool)))
+                    .inspect_err(
+                        |e| tracing::debug!(error = %e, ?pool, "pooling allocator refused"),
+                    )
+                    .map_err(|e| refusal = Some(e))
+                    .ok()
+            })
+        } else {
+            None
+        };
+        if let (None, Some(e)) = (&pooled, refusal) {
+            tracing::warn!(error = %e, "pooling allocator unavailable; allocating on demand");
         }
         let pooling = pooled.is_some();
         let engine = match pooled {
