@@ -416,10 +416,20 @@ impl Reencode for Rewriter {
         let Options { nan, meter } = self.options;
         let mut f = Function::new(locals);
         let mut body_meter = BodyMeter::new(slots);
+        let vector_checks = if nan {
+            nan::vector_checks(func.get_operators_reader()?)?
+        } else {
+            Vec::new()
+        };
         let mut reader = func.get_operators_reader()?;
+        let mut index = 0;
         while !reader.eof() {
             let op = reader.read()?;
-            if nan && let Some(kind) = nan::observes_top(&op) {
+            let vector_check = vector_checks.get(index) == Some(&true);
+            if nan
+                && let Some(kind) = nan::observes_top(&op)
+                && (nan::enters_vector(&op).is_none() || vector_check)
+            {
                 nan::canonicalise(&mut f, kind, scratch);
             }
             let after = if meter {
@@ -427,11 +437,12 @@ impl Reencode for Rewriter {
             } else {
                 None
             };
-            let vector = if nan {
+            let vector = if vector_check {
                 nan::vector_arithmetic(&op)
             } else {
                 None
             };
+            index += 1;
             f.instruction(&self.instruction(op)?);
             if let Some(after) = after {
                 body_meter.after(&mut f, after);

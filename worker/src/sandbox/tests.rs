@@ -458,6 +458,87 @@ fn a_nan_entering_or_made_in_a_vector_is_canonical() {
     );
 }
 
+/// Payload NaNs of both signs as two f64 lanes.
+const PAYLOAD_F64X2: &str = "(v128.const i64x2 0x7ff8000000000abc 0xfff8000000000def)";
+
+#[test]
+fn a_vector_nan_is_canonical_wherever_vector_arithmetic_lets_it_out() {
+    // Results the rewrite does not check where they are made (they only feed more f64x2
+    // arithmetic) and results it must: stored after a chain and after a local read twice, read
+    // as integer lanes, out of a block, read on the `else` path of an `if` whose `then` writes
+    // the local again, and read by a loop's next iteration. Each stored lane is a NaN, so their
+    // OR is the canonical NaN only if all are.
+    let setup = format!(
+        "(local $v v128) (local $u v128) (local $c v128) (local $i i32)
+         (v128.store (i32.const 1024)
+           (f64x2.add (f64x2.mul {PAYLOAD_F64X2} (f64x2.splat (f64.const 2)))
+                      (f64x2.splat (f64.const 1))))
+         (local.set $v (f64x2.mul {PAYLOAD_F64X2} (f64x2.splat (f64.const 3))))
+         (v128.store (i32.const 1040) (f64x2.sub (local.get $v) (local.get $v)))
+         (local.set $u (f64x2.mul {PAYLOAD_F64X2} (f64x2.splat (f64.const 4))))
+         (v128.store (i32.const 1056) (i64x2.add (local.get $u) (v128.const i64x2 0 0)))
+         (v128.store (i32.const 1072)
+           (block (result v128) (f64x2.div {PAYLOAD_F64X2} (f64x2.splat (f64.const 5)))))
+         ;; f64x2 lanes read as f32x4: the low half of the payload NaN is the f32 subnormal
+         ;; 0xabc, which f32x4.add keeps; of a canonical NaN it is 0.
+         (v128.store (i32.const 1088)
+           (f32x4.add (f64x2.mul {PAYLOAD_F64X2} (f64x2.splat (f64.const 1)))
+                      (f32x4.splat (f32.const 0))))
+         (local.set $v (f64x2.mul {PAYLOAD_F64X2} (f64x2.splat (f64.const 6))))
+         (if (local.get $i)
+           (then (local.set $v (f64x2.splat (f64.const 0))))
+           (else (v128.store (i32.const 1104) (local.get $v))))
+         (local.set $c (v128.const i64x2 0 0))
+         (loop
+           (v128.store (i32.const 1120) (local.get $c))
+           (local.set $c (f64x2.mul {PAYLOAD_F64X2} (f64x2.splat (f64.const 7))))
+           (local.set $i (i32.add (local.get $i) (i32.const 1)))
+           (br_if 0 (i32.lt_u (local.get $i) (i32.const 2))))"
+    );
+    let or_lanes = (0..8)
+        .chain(10..14)
+        .map(|i| format!("(i64.load (i32.const {}))", 1024 + 8 * i))
+        .reduce(|acc, load| format!("(i64.or {acc} {load})"))
+        .unwrap();
+    let m = metrics_guest(&setup, &or_lanes, "(i64.load (i32.const 1088))");
+    assert_eq!(
+        output(&sandbox().run(&m, b"", &small(), 1)),
+        format!(
+            r#"{{"metrics":{{"a":{CANONICAL_F64},"b":{}}}}}"#,
+            0x7fc0_0000_0000_0000u64
+        )
+    );
+}
+
+#[test]
+fn a_scalar_nan_entering_a_vector_is_canonical_wherever_the_vector_lets_it_out() {
+    // Arithmetic on a payload NaN keeps its payload on x86_64. The scalars enter vectors that
+    // are stored straight after `replace_lane` (the splat's lane passes through it as bits), fed
+    // to f64x2 arithmetic (whose own check covers them) and read as f32x4 lanes, where the low
+    // half of the payload NaN is the f32 subnormal 0xabc, which f32x4.add keeps.
+    let nan = format!("(f64.add {PAYLOAD_NAN} (f64.const 1))");
+    let setup = format!(
+        "(v128.store (i32.const 1024) (f64x2.replace_lane 1 (f64x2.splat {nan}) {nan}))
+         (v128.store (i32.const 1040)
+           (f64x2.mul (f64x2.replace_lane 0 (f64x2.splat {nan}) {nan})
+                      (f64x2.splat (f64.const 2))))
+         (v128.store (i32.const 1056)
+           (f32x4.add (f64x2.splat {nan}) (f32x4.splat (f32.const 0))))"
+    );
+    let or_lanes = (0..4)
+        .map(|i| format!("(i64.load (i32.const {}))", 1024 + 8 * i))
+        .reduce(|acc, load| format!("(i64.or {acc} {load})"))
+        .unwrap();
+    let m = metrics_guest(&setup, &or_lanes, "(i64.load (i32.const 1056))");
+    assert_eq!(
+        output(&sandbox().run(&m, b"", &small(), 1)),
+        format!(
+            r#"{{"metrics":{{"a":{CANONICAL_F64},"b":{}}}}}"#,
+            0x7fc0_0000_0000_0000u64
+        )
+    );
+}
+
 #[test]
 fn a_function_without_room_for_the_scratch_locals_is_a_clear_module_error() {
     // The rewrite adds five locals to every function; wasmtime allows 50,000 in all.

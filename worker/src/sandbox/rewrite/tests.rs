@@ -46,9 +46,15 @@ fn bytes(seed: u64, len: usize) -> Vec<u8> {
 #[derive(Debug, Default, PartialEq)]
 struct Survey {
     ops: usize,
-    /// Scalar checks (before stores and the like) and vector ones (after vector arithmetic).
+    /// Scalar checks (before stores and the like, and before the scalars entering a vector
+    /// that `nan::vector_checks` follows out to an observation), vector arithmetic, and the
+    /// vector results it follows out to one (each gets a check after it).
     scalar_sites: usize,
     vector_sites: usize,
+    vector_checks: usize,
+    /// Scalars entering a vector, and those of them checked.
+    lanes_entering: usize,
+    lane_checks: usize,
     loops: usize,
     host_calls: usize,
     meter_reads: usize,
@@ -60,9 +66,10 @@ fn survey_code(wasm: &[u8], imported_functions: u32, meter: Option<u32>) -> Surv
     let mut s = Survey::default();
     for payload in Parser::new(0).parse_all(wasm) {
         if let Payload::CodeSectionEntry(body) = payload.unwrap() {
+            let checks = nan::vector_checks(body.get_operators_reader().unwrap()).unwrap();
             // Instructions since the last `loop`, up to three.
             let mut since_loop: Option<Vec<Operator>> = None;
-            for op in body.get_operators_reader().unwrap() {
+            for (op, check) in body.get_operators_reader().unwrap().into_iter().zip(checks) {
                 let op = op.unwrap();
                 if let Some(ops) = since_loop.as_mut() {
                     ops.push(op.clone());
@@ -82,8 +89,17 @@ fn survey_code(wasm: &[u8], imported_functions: u32, meter: Option<u32>) -> Surv
                     since_loop = Some(Vec::new());
                 }
                 s.ops += 1;
-                s.scalar_sites += usize::from(nan::observes_top(&op).is_some());
+                let enters_vector = nan::enters_vector(&op).is_some();
+                s.scalar_sites +=
+                    usize::from(nan::observes_top(&op).is_some() && (!enters_vector || check));
+                s.lanes_entering += usize::from(enters_vector);
+                s.lane_checks += usize::from(enters_vector && check);
                 s.vector_sites += usize::from(nan::vector_arithmetic(&op).is_some());
+                s.vector_checks += usize::from(check && nan::vector_arithmetic(&op).is_some());
+                assert!(
+                    !check || enters_vector || nan::vector_arithmetic(&op).is_some(),
+                    "a vector check at {op:?}"
+                );
                 match op {
                     Operator::Loop { .. } => s.loops += 1,
                     Operator::Call { function_index } if function_index < imported_functions => {
@@ -117,9 +133,9 @@ fn modules(guest: &Engine) -> impl Iterator<Item = (u64, Vec<u8>)> + '_ {
 }
 
 /// With the NaN checks alone, every valid module stays valid and gains exactly one check per
-/// place that needs one (eight instructions for a scalar, six for a vector): the rewrite
-/// numbers its scratch locals after each function's own, keeps stack types, and copies
-/// everything else.
+/// place that needs one (eight instructions for a scalar, six for a vector result that leaves
+/// arithmetic): the rewrite numbers its scratch locals after each function's own, keeps stack
+/// types, and copies everything else.
 #[test]
 fn random_valid_modules_stay_valid_with_one_check_per_observation() {
     let (guest, sandbox) = engines();
@@ -128,6 +144,7 @@ fn random_valid_modules_stay_valid_with_one_check_per_observation() {
         meter: false,
     };
     let (mut count, mut checks) = (0, 0);
+    let (mut vector_sites, mut vector_checks, mut lanes, mut lane_checks) = (0, 0, 0, 0);
     for (seed, wasm) in modules(&guest) {
         let rewritten = rewrite(&wasm, nan_only).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
         Module::validate(&sandbox, &rewritten)
@@ -136,13 +153,28 @@ fn random_valid_modules_stay_valid_with_one_check_per_observation() {
             survey_code(&wasm, 0, None),
             survey_code(&rewritten, 0, None),
         );
-        let added = 8 * before.scalar_sites + 6 * before.vector_sites;
+        assert!(before.vector_checks <= before.vector_sites, "seed {seed}");
+        let added = 8 * before.scalar_sites + 6 * before.vector_checks;
         assert_eq!(after.ops, before.ops + added, "seed {seed}");
         count += 1;
-        checks += before.scalar_sites + before.vector_sites;
+        checks += before.scalar_sites + before.vector_checks;
+        vector_sites += before.vector_sites;
+        vector_checks += before.vector_checks;
+        lanes += before.lanes_entering;
+        lane_checks += before.lane_checks;
     }
     assert!(count >= 250, "only {count} modules generated");
     assert!(checks >= 500, "only {checks} checks in {count} modules");
+    // Random code rarely feeds one vector result straight into more arithmetic of its shape,
+    // but it does often enough to see both outcomes, for results and for lanes entering.
+    assert!(
+        vector_checks > 0 && vector_checks < vector_sites,
+        "{vector_checks} of {vector_sites} vector results checked"
+    );
+    assert!(
+        lane_checks > 0 && lane_checks < lanes,
+        "{lane_checks} of {lanes} scalars entering a vector checked"
+    );
 }
 
 /// With everything on, as the sandbox runs it, every valid module stays valid, and the meter
@@ -186,4 +218,93 @@ fn reserved_export_names_are_refused() {
     .unwrap();
     let err = rewrite(&wasm, Options::SANDBOX).unwrap_err().to_string();
     assert!(err.contains("__accrete_fuel"), "{err}");
+}
+
+/// Which vector results get a check, in the shape of an FFT butterfly: products feeding sums
+/// on the stack and through locals need none, a sum that is stored or leaves through a local
+/// that is read after a branch or a branch target does, and so does a result read as another
+/// lane shape or as integer lanes. A loop's temporary that dies at the back edge needs none.
+/// A scalar entering a vector is checked where the vector is, not where it enters.
+#[test]
+fn vector_results_are_checked_where_they_leave_arithmetic_of_their_shape() {
+    let wasm = wat::parse_str(
+        r#"(module (memory 1)
+             (func (param $a v128) (param $b v128) (param $w v128) (local $t v128) (local $u v128)
+               ;; t = b * w (through a local: no check), stored a + t and a - t (checks)
+               (local.set $t (f64x2.mul (local.get $b) (local.get $w)))
+               (v128.store (i32.const 0) (f64x2.add (local.get $a) (local.get $t)))
+               (v128.store (i32.const 16) (f64x2.sub (local.get $a) (local.get $t)))
+               ;; compared, extracted, dropped: no checks
+               (drop (f64x2.lt (f64x2.sqrt (local.get $a)) (local.get $b)))
+               (drop (f64x2.extract_lane 1 (f64x2.div (local.get $a) (local.get $b))))
+               (drop (f64x2.min (local.get $a) (local.get $b)))
+               ;; another shape, integer lanes, a value still in a local at a block: checks
+               (drop (f32x4.add (f64x2.max (local.get $a) (local.get $b)) (local.get $w)))
+               (drop (i64x2.add (f64x2.ceil (local.get $a)) (local.get $w)))
+               (local.set $t (f64x2.floor (local.get $a)))
+               (block)
+               (v128.store (i32.const 32) (local.get $t))
+               ;; read on the path that skips the `then`, which writes the local again: checks
+               (local.set $t (f64x2.nearest (local.get $a)))
+               (if (i32.const 0)
+                 (then (local.set $t (f64x2.trunc (local.get $a))))
+                 (else (v128.store (i32.const 48) (local.get $t))))
+               ;; a loop's temporary, written before it is read in the body: no check for it;
+               ;; a value the next iteration reads before writing it: a check
+               (loop
+                 (local.set $u (f64x2.mul (local.get $a) (local.get $b)))
+                 (v128.store (i32.const 64) (f64x2.add (local.get $u) (local.get $u)))
+                 (v128.store (i32.const 80) (local.get $w))
+                 (local.set $w (f64x2.div (local.get $a) (local.get $b)))
+                 (br_if 0 (i32.const 0)))
+               ;; scalars entering a vector that is stored (the splat's lane passes through
+               ;; replace_lane): checks; one that only feeds arithmetic: none
+               (v128.store (i32.const 96)
+                 (f64x2.replace_lane 1 (f64x2.splat (f64.load (i32.const 0)))
+                                       (f64.load (i32.const 8))))
+               (drop (f64x2.mul (f64x2.splat (f64.load (i32.const 0))) (local.get $a)))))"#,
+    )
+    .unwrap();
+    let mut checked = Vec::new();
+    for payload in Parser::new(0).parse_all(&wasm) {
+        if let Payload::CodeSectionEntry(body) = payload.unwrap() {
+            let ops: Vec<_> = body
+                .get_operators_reader()
+                .unwrap()
+                .into_iter()
+                .map(Result::unwrap)
+                .collect();
+            let checks = nan::vector_checks(body.get_operators_reader().unwrap()).unwrap();
+            for (op, check) in ops.iter().zip(checks) {
+                if nan::vector_arithmetic(op).is_some() || nan::enters_vector(op).is_some() {
+                    checked.push((format!("{op:?}"), check));
+                } else {
+                    assert!(!check, "{op:?} makes no vector");
+                }
+            }
+        }
+    }
+    let expect = [
+        ("F64x2Mul", false),
+        ("F64x2Add", true),
+        ("F64x2Sub", true),
+        ("F64x2Sqrt", false),
+        ("F64x2Div", false),
+        ("F64x2Min", false),
+        ("F64x2Max", true),
+        ("F32x4Add", false),
+        ("F64x2Ceil", true),
+        ("F64x2Floor", true),
+        ("F64x2Nearest", true),
+        ("F64x2Trunc", true),
+        ("F64x2Mul", false),
+        ("F64x2Add", true),
+        ("F64x2Div", true),
+        ("F64x2Splat", true),
+        ("F64x2ReplaceLane { lane: 1 }", true),
+        ("F64x2Splat", false),
+        ("F64x2Mul", false),
+    ];
+    let expect: Vec<_> = expect.iter().map(|&(op, c)| (op.to_string(), c)).collect();
+    assert_eq!(checked, expect);
 }
