@@ -113,6 +113,12 @@ fn nested_cargo(workspace: &Path) -> Command {
     // Remap absolute paths that panic locations would embed, so the module (and its BLAKE3 hash)
     // does not depend on where the workspace or the cargo home is.
     let mut flags = vec![remap(workspace, "/accrete")];
+    // 128-bit SIMD, on in every wasmtime as SSE2 and NEON are on every x86_64 and aarch64
+    // worker: LLVM then vectorises the guests' loops as it does natively (the signal-search
+    // FFT runs its butterflies two at a time). Vectorising never reorders float operations,
+    // and the sandbox canonicalises vector NaNs where their bits can be observed, so the output
+    // bytes stay those of the native build (BENCHMARKS.md has what it buys).
+    flags.push("-Ctarget-feature=+simd128".into());
     if let Some(home) = cargo_home() {
         flags.push(remap(
             &home.join("registry").join("src"),
