@@ -167,6 +167,9 @@ fn native_float_edges(input: &[u8]) -> Vec<u8> {
             c64(b.sqrt()),
             demoted_sq(a),
             demoted_sq(b),
+            c64(a * b + b),
+            c64(b * a + a),
+            c64(a / b),
         ] {
             bits.push_str(&format!("{value:016x}"));
         }

@@ -80,7 +80,13 @@
     (local.set $q (f32x4.demote_f64x2_zero (local.get $v)))
     (local.set $q (f32x4.mul (local.get $q) (local.get $q)))
     (call $f32 (f32x4.extract_lane 0 (local.get $q)))
-    (call $f32 (f32x4.extract_lane 1 (local.get $q))))
+    (call $f32 (f32x4.extract_lane 1 (local.get $q)))
+    ;; Vector bits read as integer lanes: a product that only feeds a sum (which the rewrite
+    ;; leaves unchecked) and a scalar entering a vector.
+    (local.set $q (f64x2.add (f64x2.mul (local.get $v) (local.get $w)) (local.get $w)))
+    (call $hex (i64x2.extract_lane 0 (local.get $q)))
+    (call $hex (i64x2.extract_lane 1 (local.get $q)))
+    (call $hex (i64x2.extract_lane 0 (f64x2.splat (f64.div (local.get $a) (local.get $b))))))
 
   (func (export "_start")
     (local $len i32) (local $i i32)
