@@ -280,8 +280,8 @@ pub(super) fn vector_checks(ops: OperatorsReader<'_>) -> Result<Vec<bool>, Binar
                 let reads = reads_lanes_as_numbers(op);
                 for _ in 0..pops {
                     match stack.pop().flatten() {
-                        Some((kind, sites)) if reads == Some(kind) => drop(sites),
-                        Some(value) if matches!(op, Operator::Drop) => drop(value),
+                        Some((kind, _)) if reads == Some(kind) => {}
+                        Some(_) if matches!(op, Operator::Drop) => {}
                         // `replace_lane`'s vector operand (the scalar is never tracked).
                         Some((kind, sites))
                             if is_replace_lane(op) && enters_vector(op) == Some(kind) =>
