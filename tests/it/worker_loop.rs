@@ -1,10 +1,54 @@
-//! The volunteer loop against the real server: hand-back at shutdown, and registering again
-//! when the server no longer knows the worker's credentials.
+//! The volunteer loop against the real server: a busy worker's round in one call, hand-back at
+//! shutdown, and registering again when the server no longer knows the worker's credentials.
 
 use std::time::{Duration, Instant};
 
+use crate::ops::{free_port, sample, scrape};
 use crate::{TIMEOUT, bounds, count, policy, tiny_model_inputs};
-use accrete_tests::{TestApp, eventually, v1 as pb};
+use accrete_server::Config;
+use accrete_tests::{TestApp, eventually, test_config, v1 as pb};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_worker_claims_its_next_replicas_with_its_reports() {
+    // One slot and one replica queued behind it: each finished replica frees one claim, and
+    // the report of its result claims the next replica in the same call.
+    let metrics = free_port();
+    let mut app = TestApp::spawn_with(Config {
+        metrics_listen: Some(metrics),
+        ..test_config()
+    })
+    .await;
+    let units = 40;
+    let inputs = (0..units)
+        .map(|seed| format!(r#"{{"seed": {seed}, "n": 256}}"#).into_bytes())
+        .collect();
+    let study = app
+        .submit(accrete_tasks::SIGNAL_SEARCH, inputs, policy(1), bounds())
+        .await;
+    let mut config = accrete_worker::WorkerConfig::new(app.server_url.clone());
+    config.slots = 1;
+    config.prefetch = 1;
+    let busy = app.start_worker_with(config);
+    let status = app.wait_done(study.study_id, TIMEOUT).await;
+    let summary = app.stop_worker(busy).await;
+    assert_eq!(status.validated, units);
+    assert_eq!((summary.completed, summary.failed), (units, 0));
+
+    let calls = |method: &str| {
+        let series =
+            format!("accrete_grpc_call_seconds_count{{method=\"WorkerService/{method}\"}}");
+        move |text: &str| sample(text, &series).unwrap_or(0.0)
+    };
+    let text = scrape(metrics).await;
+    let (fetches, reports) = (calls("FetchWork")(&text), calls("ReportResults")(&text));
+    // FetchWork: the first claim, then only when a report's claim found nothing (the queue
+    // ran dry at the end) or a call failed. Two calls per replica before reports claimed.
+    assert!(
+        fetches < 10.0 && reports >= 10.0,
+        "{fetches} FetchWork and {reports} ReportResults calls for {units} replicas:\n{text}"
+    );
+    app.shutdown().await;
+}
 
 /// A guest that never ends: only fuel, the wall-clock backstop or a shutdown stops it.
 const SPIN: &str = r#"(module

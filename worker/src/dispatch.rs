@@ -1,7 +1,9 @@
-//! The dispatcher: claims replicas with `FetchWork` whenever slots free up, fetches and compiles
-//! their modules once, runs each in the sandbox on a blocking thread, and hands finished
-//! results to the reporter. At shutdown it stops claiming, lets running replicas finish until
-//! the drain deadline, and hands back everything else.
+//! The dispatcher: runs the replicas the reporter claims with its reports, claims more with
+//! `FetchWork` whenever claims are free (at the start, and when a report's claim came back
+//! short), fetches and compiles their modules once, runs each in the sandbox on a blocking
+//! thread, and hands finished results to the reporter together with their claims. At shutdown
+//! it stops claiming, lets running replicas finish until the drain deadline, and hands back
+//! everything else.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -34,10 +36,25 @@ pub(crate) struct Ctx {
     pub(crate) sandbox: Arc<Sandbox>,
     /// One permit per slot: held while a replica executes.
     pub(crate) slots: Arc<Semaphore>,
-    pub(crate) reports: mpsc::UnboundedSender<ReplicaResult>,
+    pub(crate) reports: mpsc::UnboundedSender<Finished>,
     /// Fired when the drain deadline passes: stops the runs still going.
     pub(crate) cancel: Cancel,
     pub(crate) modules: ModuleFetches,
+}
+
+/// A finished replica on its way to the reporter, with the claim it held: the reporter's
+/// `ReportResults` claims as many new replicas in the same call and transaction (one round trip
+/// and one commit per round of a busy worker, not two), and frees the claims it does not use
+/// for `FetchWork`.
+pub(crate) struct Finished {
+    pub(crate) result: ReplicaResult,
+    pub(crate) claim: Option<OwnedSemaphorePermit>,
+}
+
+/// Replicas a report claimed, with their claims, for the dispatcher to run.
+pub(crate) struct Claimed {
+    pub(crate) assignments: Vec<Assignment>,
+    pub(crate) claims: Option<OwnedSemaphorePermit>,
 }
 
 /// How a replica ended, for the summary.
@@ -66,16 +83,17 @@ impl Tally {
     }
 }
 
-/// Claims and runs replicas until `stop`, then drains. `claims` bounds replicas held at once
-/// (slots plus prefetch); `max_batch` bounds one `FetchWork`.
+/// Claims and runs replicas until `stop`, then drains. `claims` (slots plus prefetch) bounds
+/// replicas held at once, those running, queued, and finished but not yet reported; `claimed`
+/// brings the replicas the reporter claimed; `max_batch` bounds one `FetchWork`.
 pub(crate) async fn run(
     ctx: Arc<Ctx>,
     stop: Stop,
-    claims: usize,
+    claims: Arc<Semaphore>,
+    mut claimed: mpsc::UnboundedReceiver<Claimed>,
     max_batch: usize,
     drain_timeout: Duration,
 ) -> Tally {
-    let claims = Arc::new(Semaphore::new(claims));
     let mut tasks: JoinSet<Ended> = JoinSet::new();
     let mut tally = Tally::default();
     let mut backoff = Backoff::new();
@@ -85,6 +103,10 @@ pub(crate) async fn run(
             _ = stop.stopped() => break,
             Some(ended) = tasks.join_next(), if !tasks.is_empty() => {
                 tally.add(ended);
+                continue;
+            }
+            Some(c) = claimed.recv() => {
+                spawn_replicas(&mut tasks, &ctx, &stop, c);
                 continue;
             }
             permit = claims.clone().acquire_owned() => permit.expect("the claim semaphore is never closed"),
@@ -139,13 +161,20 @@ pub(crate) async fn run(
             continue;
         }
         tracing::debug!(count = response.assignments.len(), "claimed replicas");
-        for assignment in response.assignments {
-            // A server handing out more than asked still gets them run; they just hold no claim.
-            let claim = held.split(1);
-            tasks.spawn(replica(ctx.clone(), stop.clone(), assignment, claim));
-        }
+        let c = Claimed {
+            assignments: response.assignments,
+            claims: Some(held),
+        };
+        spawn_replicas(&mut tasks, &ctx, &stop, c);
     }
 
+    // A report's claim that arrives from now on finds nobody to run it: its replicas join the
+    // drain below and hand themselves back, or the reporter hands them back itself once this
+    // channel is closed.
+    claimed.close();
+    while let Ok(c) = claimed.try_recv() {
+        spawn_replicas(&mut tasks, &ctx, &stop, c);
+    }
     // Draining: queued replicas hand themselves back as soon as they see `stop`; running ones
     // get until the deadline, then are cancelled (and hand themselves back).
     while let Some(ended) = tasks.try_join_next() {
@@ -172,12 +201,25 @@ pub(crate) async fn run(
     tally
 }
 
-/// Runs one replica and queues its result for reporting.
+/// Starts a task for each replica, each holding one of the claims.
+fn spawn_replicas(tasks: &mut JoinSet<Ended>, ctx: &Arc<Ctx>, stop: &Stop, c: Claimed) {
+    let Claimed {
+        assignments,
+        mut claims,
+    } = c;
+    for assignment in assignments {
+        // A server handing out more than asked still gets them run; they just hold no claim.
+        let claim = claims.as_mut().and_then(|c| c.split(1));
+        tasks.spawn(replica(ctx.clone(), stop.clone(), assignment, claim));
+    }
+}
+
+/// Runs one replica and queues its result, with its claim, for reporting.
 async fn replica(
     ctx: Arc<Ctx>,
     stop: Stop,
     assignment: Assignment,
-    _claim: Option<OwnedSemaphorePermit>,
+    claim: Option<OwnedSemaphorePermit>,
 ) -> Ended {
     let replica_id = assignment.replica_id;
     let (outcome, wall) = execute(&ctx, &stop, assignment).await;
@@ -187,10 +229,19 @@ async fn replica(
         wall_micros: wall.as_micros().try_into().unwrap_or(u64::MAX),
         outcome: Some(outcome),
     };
-    if ctx.reports.send(result).is_err() {
+    if ctx.reports.send(Finished { result, claim }).is_err() {
         tracing::error!(replica_id, "reporter is gone; result lost");
     }
     ended
+}
+
+/// What to report for a replica claimed too late to run: the server reissues it at once.
+pub(crate) fn hand_back(replica_id: u64) -> ReplicaResult {
+    ReplicaResult {
+        replica_id,
+        wall_micros: 0,
+        outcome: Some(replica_result::Outcome::HandBack(HandBack {})),
+    }
 }
 
 /// What to report for a replica.

@@ -192,9 +192,15 @@ pub async fn run(
     }
     let (final_handle, final_stop) = stop_pair();
     let (reports, results) = mpsc::unbounded_channel();
+    let (claimed, claimed_by_reports) = mpsc::unbounded_channel();
+    let claiming = report::Claiming {
+        stop: stop.clone(),
+        max_batch: config.max_batch,
+        claimed,
+    };
     let reporter = tokio::spawn({
         let session = session.clone();
-        async move { report::run(&session, results, final_stop).await }
+        async move { report::run(&session, results, claiming, final_stop).await }
     });
     let slots = Arc::new(Semaphore::new(config.slots));
     let heartbeat = tokio::spawn(heartbeat(
@@ -215,7 +221,8 @@ pub async fn run(
     let mut dispatcher = tokio::spawn(dispatch::run(
         ctx,
         stop,
-        config.slots + config.prefetch,
+        Arc::new(Semaphore::new(config.slots + config.prefetch)),
+        claimed_by_reports,
         config.max_batch,
         config.drain_timeout,
     ));
