@@ -75,6 +75,10 @@ struct Args {
     /// Seconds between scans for replicas past their deadline.
     #[arg(long, env = "ACCRETE_RESCUE_INTERVAL_SECS", default_value_t = 1.0)]
     rescue_interval_secs: f64,
+    /// Seconds between rounds of the sealer, which chains new findings and evidence into the
+    /// ledger: how long a finding may wait for its ledger entry. Longer rounds seal more at once.
+    #[arg(long, env = "ACCRETE_SEAL_INTERVAL_SECS", default_value_t = 0.5)]
+    seal_interval_secs: f64,
     /// Fuel a work unit gets when its study does not say (about one unit per instruction).
     #[arg(long, env = "ACCRETE_DEFAULT_FUEL", default_value_t = Limits::default().default_fuel)]
     default_fuel: u64,
@@ -189,6 +193,7 @@ async fn serve(args: Args, database_url: String) -> anyhow::Result<()> {
             ..Default::default()
         },
         rescue_interval: Duration::from_secs_f64(args.rescue_interval_secs.max(0.05)),
+        seal_interval: Duration::from_secs_f64(args.seal_interval_secs.max(0.05)),
         tls,
         calls: CallLimits {
             rate_per_sec: NonZeroU32::new(args.rate_per_sec),
