@@ -1,5 +1,6 @@
 //! The volunteer loop against the real server: a busy worker's round in one call, hand-back at
-//! shutdown, and registering again when the server no longer knows the worker's credentials.
+//! shutdown (also of what a report in flight claims), and registering again when the server no
+//! longer knows the worker's credentials.
 
 use std::time::{Duration, Instant};
 
@@ -118,6 +119,94 @@ async fn shutdown_hands_back_unfinished_work_for_immediate_reissue() {
     assert_eq!(
         count(&app, "SELECT sum(unsent)::bigint FROM work_units").await,
         6
+    );
+    app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_a_report_claims_as_the_worker_stops_are_handed_back() {
+    // A report carries its result's claim; if the worker stops while that call is in flight,
+    // the replicas it brings back have no dispatcher left to run them and must go back to the
+    // server at once, not sit in progress until their deadline an hour away.
+    let mut app = TestApp::spawn().await;
+    let mut config = accrete_worker::WorkerConfig::new(app.server_url.clone());
+    config.slots = 1;
+    config.prefetch = 0;
+    config.drain_timeout = Duration::from_millis(100);
+    let leaving = app.start_worker_with(config);
+    let p = pb::ReplicationPolicy {
+        delay_bound_secs: 3600,
+        ..policy(1)
+    };
+    // Each run ends at its wall-clock bound, in an error result that frees its claim.
+    let b = pb::ResourceBounds {
+        fuel: 1_000_000_000_000,
+        wall_ms: 1_000,
+        ..bounds()
+    };
+    let spin = wat::parse_str(SPIN).unwrap();
+    let inputs = (0..3)
+        .map(|i| format!("{{\"i\":{i}}}").into_bytes())
+        .collect();
+    app.submit(&spin, inputs, p, b).await;
+    eventually(TIMEOUT, "the first replica claimed", || async {
+        count(
+            &app,
+            "SELECT count(*) FROM replicas WHERE state = 'in_progress'",
+        )
+        .await
+            == 1
+    })
+    .await;
+
+    // Hold the worker's row: the report of that run's result locks it before its claim, so
+    // the call waits here with the claim still to come.
+    let mut hold = app.store.pool().begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM workers FOR NO KEY UPDATE")
+        .execute(&mut *hold)
+        .await
+        .unwrap();
+    eventually(
+        TIMEOUT,
+        "the report waiting for the worker's row",
+        || async {
+            count(
+                &app,
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
+             AND wait_event_type = 'Lock' AND query LIKE '%WITH rep AS%'",
+            )
+            .await
+                == 1
+        },
+    )
+    .await;
+    app.signal_worker_stop(leaving);
+    // Nothing runs, so the dispatcher ends at once; give it the time to, so that the claim
+    // returns to a reporter with nowhere to send it. (Had the dispatcher still been there, it
+    // would have handed the replica back itself: the outcome checked below is the same.)
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    hold.rollback().await.unwrap();
+    let summary = app.stop_worker(leaving).await;
+
+    assert_eq!(
+        (summary.failed, summary.handed_back, summary.unreported),
+        (1, 1, 0)
+    );
+    assert_eq!(
+        count(
+            &app,
+            "SELECT count(*) FROM replicas WHERE state = 'in_progress'"
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        count(
+            &app,
+            "SELECT count(*) FROM replicas WHERE state = 'handed_back'"
+        )
+        .await,
+        1
     );
     app.shutdown().await;
 }

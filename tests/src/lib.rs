@@ -235,9 +235,14 @@ impl TestApp {
 
     /// Shuts an in-process worker down (as ctrl-c would) and returns its summary.
     pub async fn stop_worker(&mut self, index: usize) -> accrete_worker::WorkerSummary {
-        let (stop, task) = &mut self.workers[index];
-        let _ = stop.send(true);
-        task.await.unwrap().unwrap()
+        self.signal_worker_stop(index);
+        (&mut self.workers[index].1).await.unwrap().unwrap()
+    }
+
+    /// Tells an in-process worker to shut down (as ctrl-c would) without waiting for it: the
+    /// test can act while it stops, then collect its summary with `stop_worker`.
+    pub fn signal_worker_stop(&self, index: usize) {
+        let _ = self.workers[index].0.send(true);
     }
 
     /// Starts a worker as a real process (the `accrete-worker` command line), returning its index.

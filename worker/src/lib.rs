@@ -98,7 +98,8 @@ pub struct WorkerSummary {
     pub completed: u64,
     /// Replicas that ran to an error result (trap, out of fuel, bad output, ...).
     pub failed: u64,
-    /// Replicas given back unfinished at shutdown (`HandBack`), for the server to reissue.
+    /// Replicas given back unfinished at shutdown (`HandBack`), for the server to reissue: those
+    /// claimed but not run, and those a report in flight claimed as the worker stopped.
     pub handed_back: u64,
     /// Results that could not be delivered before exiting (server unreachable at shutdown, or
     /// refused); the server reissues those replicas when their deadline passes.
@@ -257,7 +258,7 @@ pub async fn run(
         worker_id: session.worker_id(),
         completed: tally.completed,
         failed: tally.failed,
-        handed_back: tally.handed_back,
+        handed_back: tally.handed_back + reports.handed_back,
         unreported: reports.unreported,
     };
     tracing::info!(?summary, "worker stopped");

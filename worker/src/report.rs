@@ -37,6 +37,8 @@ pub(crate) struct ReportTally {
     pub(crate) reported: u64,
     /// Still unsent when `stop` fired, or refused by the server.
     pub(crate) unreported: u64,
+    /// Replicas a report claimed after the dispatcher had stopped, given back with the next.
+    pub(crate) handed_back: u64,
 }
 
 /// Reports everything received on `results` until the channel closes and all is sent, or until
@@ -115,6 +117,7 @@ pub(crate) async fn run(
                     };
                     // The dispatcher has stopped: hand them back with the next report.
                     if let Err(mpsc::error::SendError(c)) = claiming.claimed.send(c) {
+                        tally.handed_back += c.assignments.len() as u64;
                         pending.extend(c.assignments.iter().map(|a| Finished {
                             result: hand_back(a.replica_id),
                             claim: None,
