@@ -51,6 +51,15 @@ async fn a_busy_worker_claims_its_next_replicas_with_its_reports() {
     app.shutdown().await;
 }
 
+/// How many replicas are in `state`.
+async fn replicas_in(app: &TestApp, state: &str) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM replicas WHERE state::text = $1")
+        .bind(state)
+        .fetch_one(app.store.pool())
+        .await
+        .unwrap()
+}
+
 /// A guest that never ends: only fuel, the wall-clock backstop or a shutdown stops it.
 const SPIN: &str = r#"(module
     (import "wasi_snapshot_preview1" "fd_write" (func (param i32 i32 i32 i32) (result i32)))
@@ -87,12 +96,7 @@ async fn shutdown_hands_back_unfinished_work_for_immediate_reissue() {
     )
     .await;
     eventually(TIMEOUT, "three replicas claimed", || async {
-        count(
-            &app,
-            "SELECT count(*) FROM replicas WHERE state = 'in_progress'",
-        )
-        .await
-            == 3
+        replicas_in(&app, "in_progress").await == 3
     })
     .await;
 
@@ -107,14 +111,7 @@ async fn shutdown_hands_back_unfinished_work_for_immediate_reissue() {
         (summary.completed, summary.failed, summary.handed_back),
         (0, 0, 3)
     );
-    assert_eq!(
-        count(
-            &app,
-            "SELECT count(*) FROM replicas WHERE state = 'handed_back'"
-        )
-        .await,
-        3
-    );
+    assert_eq!(replicas_in(&app, "handed_back").await, 3);
     // Each unit wants its second replica plus a replacement for the one handed back.
     assert_eq!(
         count(&app, "SELECT sum(unsent)::bigint FROM work_units").await,
@@ -150,12 +147,7 @@ async fn replicas_a_report_claims_as_the_worker_stops_are_handed_back() {
         .collect();
     app.submit(&spin, inputs, p, b).await;
     eventually(TIMEOUT, "the first replica claimed", || async {
-        count(
-            &app,
-            "SELECT count(*) FROM replicas WHERE state = 'in_progress'",
-        )
-        .await
-            == 1
+        replicas_in(&app, "in_progress").await == 1
     })
     .await;
 
@@ -192,22 +184,8 @@ async fn replicas_a_report_claims_as_the_worker_stops_are_handed_back() {
         (summary.failed, summary.handed_back, summary.unreported),
         (1, 1, 0)
     );
-    assert_eq!(
-        count(
-            &app,
-            "SELECT count(*) FROM replicas WHERE state = 'in_progress'"
-        )
-        .await,
-        0
-    );
-    assert_eq!(
-        count(
-            &app,
-            "SELECT count(*) FROM replicas WHERE state = 'handed_back'"
-        )
-        .await,
-        1
-    );
+    assert_eq!(replicas_in(&app, "in_progress").await, 0);
+    assert_eq!(replicas_in(&app, "handed_back").await, 1);
     app.shutdown().await;
 }
 
