@@ -370,16 +370,18 @@ async fn seal_loop(store: Store, period: Duration, stop: tokio::sync::watch::Rec
     every(period, stop, || async {
         loop {
             match store.seal(BATCH).await {
-                // Only a full batch means a backlog. Under load findings arrive all the time,
-                // and sealing again whenever the last round found any made rounds of a few
-                // findings each, back to back, each paying its statements, plans and commit.
-                Ok(n) if (n as i64) < BATCH => {
+                Ok(n) => {
                     if n > 0 {
                         tracing::debug!(entries = n, "ledger entries sealed");
                     }
-                    break;
+                    // Only a full batch means a backlog. Under load findings arrive all the
+                    // time, and sealing again whenever the last round found any made rounds of
+                    // a few findings each, back to back, each paying its statements, plans and
+                    // commit.
+                    if (n as i64) < BATCH {
+                        break;
+                    }
                 }
-                Ok(n) => tracing::debug!(entries = n, "ledger entries sealed"),
                 Err(e) => {
                     tracing::warn!(error = %e, "sealer failed; retrying next tick");
                     break;
