@@ -66,6 +66,25 @@ const SPIN: &str = r#"(module
     (memory (export "memory") 1)
     (func (export "_start") (loop (br 0))))"#;
 
+/// Submits three units of [`SPIN`], each stopped by its `wall_ms` bound. Their deadline is an
+/// hour away: only a hand-back can bring their replicas back soon.
+async fn submit_spin(app: &TestApp, min_quorum: u32, wall_ms: u64) {
+    let p = pb::ReplicationPolicy {
+        delay_bound_secs: 3600,
+        ..policy(min_quorum)
+    };
+    let b = pb::ResourceBounds {
+        fuel: 1_000_000_000_000,
+        wall_ms,
+        ..bounds()
+    };
+    let inputs = (0..3)
+        .map(|i| format!("{{\"i\":{i}}}").into_bytes())
+        .collect();
+    app.submit(&wat::parse_str(SPIN).unwrap(), inputs, p, b)
+        .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_hands_back_unfinished_work_for_immediate_reissue() {
     let mut app = TestApp::spawn().await;
@@ -75,26 +94,7 @@ async fn shutdown_hands_back_unfinished_work_for_immediate_reissue() {
     config.drain_timeout = Duration::from_millis(100);
     config.name = Some("leaving".into());
     let leaving = app.start_worker_with(config);
-    // The deadline is far away: only a hand-back can bring these replicas back soon.
-    let p = pb::ReplicationPolicy {
-        delay_bound_secs: 3600,
-        ..policy(2)
-    };
-    let b = pb::ResourceBounds {
-        fuel: 1_000_000_000_000,
-        wall_ms: 3_600_000,
-        ..bounds()
-    };
-    let spin = wat::parse_str(SPIN).unwrap();
-    app.submit(
-        &spin,
-        (0..3)
-            .map(|i| format!("{{\"i\":{i}}}").into_bytes())
-            .collect(),
-        p,
-        b,
-    )
-    .await;
+    submit_spin(&app, 2, 3_600_000).await;
     eventually(TIMEOUT, "three replicas claimed", || async {
         replicas_in(&app, "in_progress").await == 3
     })
@@ -131,21 +131,8 @@ async fn replicas_a_report_claims_as_the_worker_stops_are_handed_back() {
     config.prefetch = 0;
     config.drain_timeout = Duration::from_millis(100);
     let leaving = app.start_worker_with(config);
-    let p = pb::ReplicationPolicy {
-        delay_bound_secs: 3600,
-        ..policy(1)
-    };
     // Each run ends at its wall-clock bound, in an error result that frees its claim.
-    let b = pb::ResourceBounds {
-        fuel: 1_000_000_000_000,
-        wall_ms: 1_000,
-        ..bounds()
-    };
-    let spin = wat::parse_str(SPIN).unwrap();
-    let inputs = (0..3)
-        .map(|i| format!("{{\"i\":{i}}}").into_bytes())
-        .collect();
-    app.submit(&spin, inputs, p, b).await;
+    submit_spin(&app, 1, 1_000).await;
     eventually(TIMEOUT, "the first replica claimed", || async {
         replicas_in(&app, "in_progress").await == 1
     })
