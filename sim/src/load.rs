@@ -991,6 +991,11 @@ pub struct ThroughputReport {
     pub server_cores: Option<f64>,
     pub postgres_cores: Option<f64>,
     pub harness_cores: f64,
+    /// WAL the database server wrote per replica completed, over the measured window. Unlike
+    /// CPU it does not swing with the machine's speed, so it compares two builds' write work
+    /// on a noisy machine. Cluster-wide, and it includes the full-page images written after
+    /// each checkpoint.
+    pub wal_bytes_per_replica: Option<f64>,
     /// Largest VmHWM among the server processes, and each one's.
     pub server_peak_rss: Vec<u64>,
     pub quota_refusals: u64,
@@ -1014,6 +1019,8 @@ struct Snapshot {
     server_cpu: f64,
     postgres_cpu: HashMap<u32, f64>,
     harness_cpu: f64,
+    /// The WAL's insert position, in bytes.
+    wal: Option<i64>,
 }
 
 async fn measure(
@@ -1072,6 +1079,16 @@ async fn measure(
                 None => HashMap::new(),
             },
             harness_cpu: cpu_secs(std::process::id()).unwrap_or(0.0),
+            wal: match pool {
+                Some(p) => Some(
+                    sqlx::query_scalar(
+                        "SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::bigint",
+                    )
+                    .fetch_one(p)
+                    .await?,
+                ),
+                None => None,
+            },
         })
     };
     let a = snapshot().await?;
@@ -1121,6 +1138,10 @@ async fn measure(
         server_cores: (!pids.is_empty()).then(|| (b.server_cpu - a.server_cpu) / secs),
         postgres_cores: pool.map(|_| backend_delta(&a.postgres_cpu, &b.postgres_cpu) / secs),
         harness_cores: (b.harness_cpu - a.harness_cpu) / secs,
+        wal_bytes_per_replica: b
+            .wal
+            .zip(a.wal)
+            .map(|(wb, wa)| (wb - wa) as f64 / (b.completed - a.completed).max(1) as f64),
         server_peak_rss,
         quota_refusals: log.quota_refusals,
         empty_fetches: log.empty_fetches,
@@ -1208,6 +1229,12 @@ impl ThroughputReport {
             s += &format!(", this harness {:.2}\n", self.harness_cores);
         } else {
             s += &format!("  CPU cores used: this harness {:.2}\n", self.harness_cores);
+        }
+        if let Some(w) = self.wal_bytes_per_replica {
+            s += &format!(
+                "  WAL written: {w:.0} bytes per replica (the whole cluster's, with the full-page \
+                 images after checkpoints; steadier than CPU on a noisy machine)\n"
+            );
         }
         if !self.server_peak_rss.is_empty() {
             s += &format!(
@@ -1304,6 +1331,7 @@ impl ThroughputReport {
             "server_cores": self.server_cores,
             "postgres_cores": self.postgres_cores,
             "harness_cores": self.harness_cores,
+            "wal_bytes_per_replica": self.wal_bytes_per_replica,
             "server_peak_rss_bytes": self.server_peak_rss,
             "db": self.db.map(|d| json!({
                 "work_units_bytes": d.work_units, "replicas_bytes": d.replicas,
