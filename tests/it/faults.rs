@@ -58,16 +58,16 @@ async fn assert_each_validated_once(app: &TestApp, units: i64) {
         0
     );
     eventually(TIMEOUT, "every finding sealed into the ledger", || async {
-        count(
-            app,
-            "SELECT count(*) FROM findings WHERE ledger_seq IS NULL",
-        )
-        .await
-            == 0
+        count(app, "SELECT count(*) FROM unsealed_findings").await == 0
     })
     .await;
     assert_eq!(
-        count(app, "SELECT count(DISTINCT ledger_seq) FROM findings").await,
+        count(
+            app,
+            "SELECT count(DISTINCT l.seq) FROM findings f
+             JOIN ledger l ON l.finding_id = f.id AND l.kind = 'finding'"
+        )
+        .await,
         units
     );
     let ledger_len = count(app, "SELECT count(*) FROM ledger").await;

@@ -184,6 +184,54 @@ fn metric(f: &pb::Finding, name: &str) -> f64 {
         .unwrap()
 }
 
+/// Sealing appends to the ledger and empties the queue of unsealed findings, but never writes
+/// the finding again (a new row version, with an entry in each of its indexes): each finding's
+/// row is still the one its validating transaction wrote, the one that settled its unit. And the
+/// ledger holds at most one entry per finding, whoever appends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sealing_empties_the_queue_and_leaves_each_finding_as_validated() {
+    let mut app = TestApp::spawn().await;
+    app.start_worker("a", 2);
+    app.start_worker("b", 2);
+    let study = submit(&app, tiny_model_inputs(8, 30), vec![]).await;
+    app.wait_done(study.study_id, TIMEOUT).await;
+    eventually(TIMEOUT, "8 sealed entries", || async {
+        ledger_len(&app).await == 8
+    })
+    .await;
+    let pool = app.store.pool();
+    let scalar =
+        async |sql: &'static str| -> i64 { sqlx::query_scalar(sql).fetch_one(pool).await.unwrap() };
+    assert_eq!(scalar("SELECT count(*) FROM unsealed_findings").await, 0);
+    assert_eq!(
+        scalar(
+            "SELECT count(*) FROM findings f JOIN work_units w ON w.id = f.wu_id
+             WHERE f.xmin = w.xmin"
+        )
+        .await,
+        8,
+        "a finding row was rewritten after the transaction that validated its unit"
+    );
+    // Every finding has its entry, and the API names it.
+    for f in app.findings(study.study_id).await {
+        let seq: i64 =
+            sqlx::query_scalar("SELECT seq FROM ledger WHERE finding_id = $1 AND kind = 'finding'")
+                .bind(f.id as i64)
+                .fetch_one(pool)
+                .await
+                .unwrap();
+        assert_eq!(f.ledger_seq as i64, seq);
+    }
+    let err = sqlx::query(
+        "INSERT INTO ledger (seq, hash, prev_hash, kind, finding_id, body)
+         SELECT 9, sha256('x'), hash, 'finding', finding_id, body FROM ledger WHERE seq = 8",
+    )
+    .execute(pool)
+    .await
+    .expect_err("a second entry for one finding");
+    assert!(err.to_string().contains("ledger_one_per_finding"), "{err}");
+}
+
 fn param(f: &pb::Finding, name: &str) -> serde_json::Value {
     serde_json::from_str::<serde_json::Value>(&f.params_json).unwrap()[name].clone()
 }

@@ -52,12 +52,7 @@ async fn three_server_processes_on_one_database_hand_out_each_replica_once() {
     .await;
     // The sealers of all three processes chain the findings; wait for them, not for ours.
     eventually(TIMEOUT, "every finding sealed by the servers", || async {
-        scalar(
-            &store,
-            "SELECT count(*) FROM findings WHERE ledger_seq IS NULL",
-        )
-        .await
-            == 0
+        scalar(&store, "SELECT count(*) FROM unsealed_findings").await == 0
     })
     .await;
     let log = fleet.stop().await.unwrap();
@@ -131,7 +126,12 @@ async fn three_server_processes_on_one_database_hand_out_each_replica_once() {
         broken => panic!("the ledger must verify: {broken:?}"),
     }
     assert_eq!(
-        scalar(&store, "SELECT count(DISTINCT ledger_seq) FROM findings").await,
+        scalar(
+            &store,
+            "SELECT count(DISTINCT l.seq) FROM findings f
+             JOIN ledger l ON l.finding_id = f.id AND l.kind = 'finding'"
+        )
+        .await,
         WUS as i64
     );
 

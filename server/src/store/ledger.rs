@@ -22,7 +22,8 @@ macro_rules! finding_cols {
         "f.id, f.study_id, f.wu_id, f.module_hash, f.input_hash, f.output_hash, f.metrics, f.params,
          coalesce(f.current_confidence, f.confidence) AS confidence,
          f.confidence AS validated_confidence, f.dissenting,
-         extract(epoch FROM f.created_at)::bigint AS created_unix, NULL::bytea AS output, f.ledger_seq,
+         extract(epoch FROM f.created_at)::bigint AS created_unix, NULL::bytea AS output,
+         (SELECT l.seq FROM ledger l WHERE l.finding_id = f.id AND l.kind = 'finding') AS ledger_seq,
          f.platforms, f.unreplicated"
     };
 }
@@ -412,7 +413,8 @@ impl Store {
                                   'fuel_used', r.fuel_used) ORDER BY r.id)
                               FROM replicas r
                               WHERE r.id = ANY(f.agreeing_replicas)), '[]') AS agreeing
-             FROM findings f WHERE f.ledger_seq IS NULL ORDER BY f.id LIMIT $1",
+             FROM unsealed_findings q JOIN findings f ON f.id = q.finding_id
+             ORDER BY q.finding_id LIMIT $1",
         )
         .bind(batch)
         .fetch_all(&mut *tx)
@@ -432,15 +434,10 @@ impl Store {
                 &vec![None; ids.len()],
             )
             .await?;
-            let seqs: Vec<i64> = entries.iter().map(|e| e.seq as i64).collect();
-            sqlx::query(
-                "UPDATE findings f SET ledger_seq = t.seq
-                 FROM UNNEST($1::bigint[], $2::bigint[]) AS t(id, seq) WHERE f.id = t.id",
-            )
-            .bind(&ids)
-            .bind(&seqs)
-            .execute(&mut *tx)
-            .await?;
+            sqlx::query("DELETE FROM unsealed_findings WHERE finding_id = ANY($1)")
+                .bind(&ids)
+                .execute(&mut *tx)
+                .await?;
             appended += entries.len() as u64;
         }
         // Evidence follows its finding's entry, which is sealed by now or in a later round.
@@ -448,8 +445,7 @@ impl Store {
             "SELECT e.id, e.finding_id, e.kind::text AS kind, e.detail, e.confidence_after,
                     (extract(epoch FROM e.created_at) * 1000000)::bigint AS created_at_us,
                     l.hash AS finding_entry
-             FROM evidence e JOIN findings f ON f.id = e.finding_id
-             JOIN ledger l ON l.seq = f.ledger_seq
+             FROM evidence e JOIN ledger l ON l.finding_id = e.finding_id AND l.kind = 'finding'
              WHERE e.ledger_seq IS NULL ORDER BY e.id LIMIT $1",
         )
         .bind(batch)
@@ -494,7 +490,7 @@ impl Store {
                 0 => {
                     // Zero may mean another process holds the lock: wait for it unless idle.
                     let left: bool = sqlx::query_scalar(
-                        "SELECT EXISTS (SELECT 1 FROM findings WHERE ledger_seq IS NULL)
+                        "SELECT EXISTS (SELECT 1 FROM unsealed_findings)
                              OR EXISTS (SELECT 1 FROM evidence WHERE ledger_seq IS NULL)",
                     )
                     .fetch_one(&self.pool)
@@ -634,7 +630,9 @@ impl Store {
             "SELECT f.id, f.study_id, f.wu_id, f.module_hash, f.input_hash, f.output_hash,
                     f.metrics, f.params, coalesce(f.current_confidence, f.confidence) AS confidence,
                     f.confidence AS validated_confidence, f.dissenting,
-                    extract(epoch FROM f.created_at)::bigint AS created_unix, f.output, f.ledger_seq,
+                    extract(epoch FROM f.created_at)::bigint AS created_unix, f.output,
+                    (SELECT l.seq FROM ledger l
+                     WHERE l.finding_id = f.id AND l.kind = 'finding') AS ledger_seq,
                     f.platforms, f.unreplicated
              FROM findings f WHERE f.id = $1",
         )
