@@ -16,15 +16,26 @@ use crate::scheduler::Policy;
 /// Only one sealer appends at a time, across every server process.
 const SEALER_LOCK: i64 = 0x6163_6372_6574_6501;
 
+/// The sequence number of finding `f`'s ledger entry (NULL until sealed): the findings table
+/// does not hold it, so that sealing never writes a finding again (see ARCHITECTURE.md, "The
+/// sealer").
+macro_rules! entry_seq {
+    () => {
+        "(SELECT l.seq FROM ledger l WHERE l.finding_id = f.id AND l.kind = 'finding')"
+    };
+}
+
 /// The columns every finding query returns, as `FindingRow`.
 macro_rules! finding_cols {
     () => {
-        "f.id, f.study_id, f.wu_id, f.module_hash, f.input_hash, f.output_hash, f.metrics, f.params,
-         coalesce(f.current_confidence, f.confidence) AS confidence,
-         f.confidence AS validated_confidence, f.dissenting,
-         extract(epoch FROM f.created_at)::bigint AS created_unix, NULL::bytea AS output,
-         (SELECT l.seq FROM ledger l WHERE l.finding_id = f.id AND l.kind = 'finding') AS ledger_seq,
-         f.platforms, f.unreplicated"
+        concat!(
+            "f.id, f.study_id, f.wu_id, f.module_hash, f.input_hash, f.output_hash, f.metrics,
+             f.params, coalesce(f.current_confidence, f.confidence) AS confidence,
+             f.confidence AS validated_confidence, f.dissenting,
+             extract(epoch FROM f.created_at)::bigint AS created_unix, NULL::bytea AS output, ",
+            entry_seq!(),
+            " AS ledger_seq, f.platforms, f.unreplicated"
+        )
     };
 }
 
@@ -626,16 +637,14 @@ impl Store {
 
     /// One finding with its canonical output.
     pub async fn finding(&self, id: i64) -> Result<Option<super::FindingRow>, Error> {
-        Ok(sqlx::query_as::<_, super::FindingRow>(
+        Ok(sqlx::query_as::<_, super::FindingRow>(concat!(
             "SELECT f.id, f.study_id, f.wu_id, f.module_hash, f.input_hash, f.output_hash,
                     f.metrics, f.params, coalesce(f.current_confidence, f.confidence) AS confidence,
                     f.confidence AS validated_confidence, f.dissenting,
-                    extract(epoch FROM f.created_at)::bigint AS created_unix, f.output,
-                    (SELECT l.seq FROM ledger l
-                     WHERE l.finding_id = f.id AND l.kind = 'finding') AS ledger_seq,
-                    f.platforms, f.unreplicated
-             FROM findings f WHERE f.id = $1",
-        )
+                    extract(epoch FROM f.created_at)::bigint AS created_unix, f.output, ",
+            entry_seq!(),
+            " AS ledger_seq, f.platforms, f.unreplicated FROM findings f WHERE f.id = $1"
+        ))
         .bind(id)
         .fetch_optional(&self.pool)
         .await?)
