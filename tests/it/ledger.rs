@@ -9,7 +9,7 @@ use accrete::ledger::{verify_file, verify_remote};
 use accrete_server::ledger::{Broken, Verdict};
 use accrete_tests::{TestApp, eventually, v1 as pb};
 
-use crate::{TIMEOUT, bounds, policy, tiny_model_inputs};
+use crate::{TIMEOUT, bounds, count, policy, tiny_model_inputs};
 
 /// Submits `inputs` of tiny-model as a study with these parents, returning the response.
 async fn submit(app: &TestApp, inputs: Vec<Vec<u8>>, parents: Vec<u64>) -> pb::SubmitStudyResponse {
@@ -200,11 +200,13 @@ async fn sealing_empties_the_queue_and_leaves_each_finding_as_validated() {
     })
     .await;
     let pool = app.store.pool();
-    let scalar =
-        async |sql: &'static str| -> i64 { sqlx::query_scalar(sql).fetch_one(pool).await.unwrap() };
-    assert_eq!(scalar("SELECT count(*) FROM unsealed_findings").await, 0);
     assert_eq!(
-        scalar(
+        count(&app, "SELECT count(*) FROM unsealed_findings").await,
+        0
+    );
+    assert_eq!(
+        count(
+            &app,
             "SELECT count(*) FROM findings f JOIN work_units w ON w.id = f.wu_id
              WHERE f.xmin = w.xmin"
         )
