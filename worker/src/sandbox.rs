@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use wasmtime::{
     Config, Enabled, Engine, Extern, InstanceAllocationStrategy, InstancePre, Linker, Module,
-    ModuleExport, PoolingAllocationConfig, ResourceLimiter, Store,
+    ModuleExport, PoolingAllocationConfig, ProfilingStrategy, ResourceLimiter, Store,
 };
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::pipe::MemoryInputPipe;
@@ -690,8 +690,26 @@ struct Pool {
 /// one small `memset`.
 const KEEP_RESIDENT_BYTES: usize = 4 << 20;
 
+/// Names a profiler for the compiled guests: `perfmap` writes `/tmp/perf-PID.map` (function
+/// names for `perf report`), `jitdump` a `jit-PID.dump` for `perf inject --jit` (their code too,
+/// for `perf annotate`).
+pub const PROFILE_ENV: &str = "ACCRETE_WASM_PROFILE";
+
 fn engine_config(pool: Option<Pool>) -> Config {
     let mut config = guest_config();
+    // For `perf`: compiled guest code is otherwise anonymous memory to it (BENCHMARKS.md).
+    match std::env::var(PROFILE_ENV).as_deref() {
+        Ok("perfmap") => {
+            config.profiler(ProfilingStrategy::PerfMap);
+        }
+        Ok("jitdump") => {
+            config.profiler(ProfilingStrategy::JitDump);
+        }
+        Ok(other) => {
+            tracing::warn!("{PROFILE_ENV}={other:?} is neither perfmap nor jitdump; ignored")
+        }
+        Err(_) => {}
+    }
     // The meter's own memory is a module's second; `guest_config` keeps guests to one.
     config.wasm_multi_memory(true);
     if let Some(Pool {
