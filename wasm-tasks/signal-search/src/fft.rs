@@ -1,7 +1,7 @@
 //! Iterative radix-2 FFT (decimation in time), written here rather than taken from a crate so
 //! every operation, and so every rounding, is the same on every host and in wasm.
 
-use core::f64::consts::TAU;
+use crate::turns;
 
 /// In-place forward DFT, `X[k] = sum_j x[j] exp(-2 pi i j k / n)`, of `re + i im`.
 ///
@@ -52,13 +52,12 @@ pub fn fft(re: &mut [f64], im: &mut [f64]) {
 
 /// The twiddles `exp(-2 pi i j / len)`, `j < len / 2`, of every stage `len = 2, 4, ..., n`,
 /// each stage's contiguous at offset `len / 2 - 1` (`n - 1` in all). Each comes straight from
-/// cos/sin at `n`'s resolution, shared by every stage, instead of a running product, so
+/// cos/sin of `k / n` turns, shared by every stage, instead of a running product, so
 /// rounding errors do not accumulate across a stage and every stage sees the same bits.
 fn twiddles(n: usize) -> Vec<(f64, f64)> {
     let finest: Vec<(f64, f64)> = (0..n / 2)
         .map(|k| {
-            // One argument reduction for both: the same bits as `sin` and `cos` apart.
-            let (sin, cos) = libm::sincos(TAU * k as f64 / n as f64);
+            let (sin, cos) = turns::sincos(k as f64 / n as f64);
             (cos, -sin)
         })
         .collect();
@@ -73,6 +72,8 @@ fn twiddles(n: usize) -> Vec<(f64, f64)> {
 
 #[cfg(test)]
 mod tests {
+    use core::f64::consts::TAU;
+
     use super::*;
     use crate::rng::Rng;
 

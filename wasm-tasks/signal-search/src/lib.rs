@@ -2,18 +2,18 @@
 //! Hann-window it, FFT it and report the strongest spectral peak and its signal-to-noise ratio.
 //!
 //! Every transcendental function comes from `libm` (pure Rust) and nothing depends on the host,
-//! so the native library and the `wasm32-wasip1` guest produce bit-identical output. `sqrt` and
-//! `floor` are the standard library's: IEEE 754 defines their result exactly, so the hardware
-//! instruction gives the same bits everywhere, while `libm` emulates them in software on wasm32
-//! (its wasm intrinsics need a nightly compiler).
+//! so the native library and the `wasm32-wasip1` guest produce bit-identical output. `sqrt` is
+//! the standard library's: IEEE 754 defines its result exactly, so the hardware instruction
+//! gives the same bits everywhere, while `libm` emulates it in software on wasm32 (its wasm
+//! intrinsics need a nightly compiler).
 //!
 //! Layout: [`Input`] and its limits, [`run`] (the experiment), [`spectrum`] (window + FFT +
-//! power), `rng` (xoshiro256**, Box–Muller), `fft` (iterative radix-2).
+//! power), `rng` (xoshiro256**, Box–Muller), `fft` (iterative radix-2), `turns` (sine and
+//! cosine of a fraction of a turn, every angle's).
 
 pub mod fft;
 pub mod rng;
-
-use core::f64::consts::TAU;
+pub mod turns;
 
 use accrete_guest::Output;
 use serde::Deserialize;
@@ -117,9 +117,10 @@ pub fn signal(input: &Input) -> Vec<f64> {
         .map(|i| {
             let mut x = input.noise * rng.gaussian();
             if let Some(f) = input.tone_hz {
-                // Reduce to a fraction of a cycle first: sin of a small argument is accurate.
+                // In turns: reduced exactly, so the sine is as accurate far into the series as
+                // at its start.
                 let cycles = f * i as f64 / input.sample_rate + phase;
-                x += input.amplitude * libm::sin(TAU * (cycles - cycles.floor()));
+                x += input.amplitude * turns::sin(cycles);
             }
             x
         })
@@ -135,7 +136,7 @@ pub fn spectrum(series: &[f64]) -> Vec<f64> {
     let mut re: Vec<f64> = series
         .iter()
         .enumerate()
-        .map(|(i, &x)| x * (0.5 - 0.5 * libm::cos(TAU * i as f64 / n as f64)))
+        .map(|(i, &x)| x * (0.5 - 0.5 * turns::cos(i as f64 / n as f64)))
         .collect();
     let mut im = vec![0.0; n];
     fft::fft(&mut re, &mut im);
@@ -426,11 +427,11 @@ mod tests {
             String::from_utf8(out).unwrap(),
             concat!(
                 r#"{"metrics":{"detected":0.0,"peak_bin":1492.0,"peak_hz":364.2578125,"#,
-                r#""peak_hz_fine":364.2005913207333,"snr_db":10.453791043024411},"#,
+                r#""peak_hz_fine":364.2005913207333,"snr_db":10.453791043024417},"#,
                 r#""payload":{"candidates":[{"bin":1492,"hz":364.2578125,"#,
-                r#""snr_db":10.453791043024411},{"bin":775,"hz":189.208984375,"#,
-                r#""snr_db":10.097399863491416},{"bin":1482,"hz":361.81640625,"#,
-                r#""snr_db":9.9717835867376}],"threshold_db":15.0}}"#
+                r#""snr_db":10.453791043024417},{"bin":775,"hz":189.208984375,"#,
+                r#""snr_db":10.097399863491418},{"bin":1482,"hz":361.81640625,"#,
+                r#""snr_db":9.971783586737605}],"threshold_db":15.0}}"#
             )
         );
     }

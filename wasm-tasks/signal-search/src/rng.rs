@@ -1,7 +1,7 @@
 //! Seeded, platform-independent randomness: xoshiro256** seeded through splitmix64, and Gaussian
 //! samples by Box–Muller with `libm`, so every host and the wasm guest draw the same numbers.
 
-use core::f64::consts::TAU;
+use crate::turns;
 
 /// xoshiro256** (Blackman and Vigna, 2018).
 #[derive(Debug, Clone)]
@@ -59,7 +59,7 @@ impl Rng {
         // 1 - u lies in (0, 1], so the logarithm is finite. `f64::sqrt`, not `libm::sqrt`: both
         // are correctly rounded, but on wasm32 libm's is a software routine three times slower.
         let r = (-2.0 * libm::log(1.0 - self.uniform())).sqrt();
-        let (sin, cos) = libm::sincos(TAU * self.uniform());
+        let (sin, cos) = turns::sincos(self.uniform());
         self.spare_gaussian = Some(r * sin);
         r * cos
     }
