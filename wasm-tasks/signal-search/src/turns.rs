@@ -4,9 +4,9 @@
 //! Every angle the experiment takes is a fraction of a turn (`k / n`, a uniform draw, the tone's
 //! phase). Multiplying by `2 pi` first and handing `libm` an angle up to `2 pi` rounds the
 //! product at the angle's full size, then makes `libm` reduce it again by `pi / 2` in extended
-//! precision (`rem_pio2`, a large function: in wasm its prologue, its shadow-stack frame and its
-//! tuple returned through memory cost more than its arithmetic). Reducing in turns is exact, so
-//! the one rounding left is that of an angle within `pi / 4`, which `libm` evaluates directly.
+//! precision (`rem_pio2`, a large function whose prologue, shadow-stack frame and tuple returned
+//! through memory every call pays in wasm). Reducing in turns is exact, so the one rounding left
+//! is that of an angle within `pi / 4`, which `libm` evaluates directly.
 
 use core::f64::consts::TAU;
 
