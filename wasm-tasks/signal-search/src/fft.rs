@@ -96,8 +96,7 @@ mod tests {
     fn matches_naive_dft_on_small_sizes() {
         let mut rng = Rng::new(3);
         for n in [1, 2, 4, 8, 16, 32, 64, 128, 256] {
-            let re: Vec<f64> = (0..n).map(|_| rng.gaussian()).collect();
-            let im: Vec<f64> = (0..n).map(|_| rng.gaussian()).collect();
+            let (re, im): (Vec<f64>, Vec<f64>) = (0..n).map(|_| rng.gaussian_pair()).unzip();
             let (want_re, want_im) = naive_dft(&re, &im);
             let (mut got_re, mut got_im) = (re.clone(), im.clone());
             fft(&mut got_re, &mut got_im);

@@ -113,8 +113,8 @@ pub fn signal(input: &Input) -> Vec<f64> {
     let mut rng = Rng::new(input.seed);
     // The phase is drawn even without a tone so that the noise is the same with and without one.
     let phase = rng.uniform();
-    // Both samples of each Box–Muller draw at once (`n` is even): the same values, in the same
-    // order, as one `gaussian` call per sample, without a call and a spare per sample.
+    // Both samples of each Box–Muller draw, in order (`n` is even): one call per pair, and no
+    // sample kept over from one call to the next.
     let mut series = Vec::with_capacity(input.n);
     for _ in 0..input.n / 2 {
         let (a, b) = rng.gaussian_pair();

@@ -7,7 +7,6 @@ use crate::turns;
 #[derive(Debug, Clone)]
 pub struct Rng {
     s: [u64; 4],
-    spare_gaussian: Option<f64>,
 }
 
 fn splitmix64(state: &mut u64) -> u64 {
@@ -28,10 +27,7 @@ impl Rng {
             splitmix64(&mut sm),
             splitmix64(&mut sm),
         ];
-        Self {
-            s,
-            spare_gaussian: None,
-        }
+        Self { s }
     }
 
     pub fn next_u64(&mut self) -> u64 {
@@ -49,16 +45,6 @@ impl Rng {
     /// Uniform in [0, 1), with 53 random bits.
     pub fn uniform(&mut self) -> f64 {
         (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
-    }
-
-    /// Standard normal sample: the two of each [`Rng::gaussian_pair`] in turn.
-    pub fn gaussian(&mut self) -> f64 {
-        if let Some(z) = self.spare_gaussian.take() {
-            return z;
-        }
-        let (z, spare) = self.gaussian_pair();
-        self.spare_gaussian = Some(spare);
-        z
     }
 
     /// Two independent standard normal samples from one Box–Muller draw.
@@ -88,21 +74,12 @@ mod tests {
     }
 
     #[test]
-    fn pairs_are_the_samples_in_order() {
-        let (mut one, mut two) = (Rng::new(9), Rng::new(9));
-        for _ in 0..100 {
-            let (a, b) = two.gaussian_pair();
-            assert_eq!(one.gaussian().to_bits(), a.to_bits());
-            assert_eq!(one.gaussian().to_bits(), b.to_bits());
-        }
-        assert_eq!(one.next_u64(), two.next_u64());
-    }
-
-    #[test]
     fn gaussian_moments_are_plausible() {
         let mut rng = Rng::new(7);
         let n = 100_000;
-        let xs: Vec<f64> = (0..n).map(|_| rng.gaussian()).collect();
+        let xs: Vec<f64> = (0..n / 2)
+            .flat_map(|_| <[f64; 2]>::from(rng.gaussian_pair()))
+            .collect();
         let mean = xs.iter().sum::<f64>() / n as f64;
         let var = xs.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / n as f64;
         assert!(mean.abs() < 0.02, "mean {mean}");
