@@ -283,6 +283,14 @@ pub struct Sandbox {
 
 impl Sandbox {
     pub fn new(config: &SandboxConfig) -> anyhow::Result<Self> {
+        let profiler = profiler_from_env();
+        let engine_config = |pool| {
+            let mut config = engine_config(pool);
+            if let Some(profiler) = profiler {
+                config.profiler(profiler);
+            }
+            config
+        };
         // The fastest allocator this host allows: the pool resetting only the pages a run wrote
         // (PAGEMAP_SCAN, Linux 6.7+), the pool resetting everything, then on-demand allocation.
         let mut refusal = None;
@@ -695,21 +703,22 @@ const KEEP_RESIDENT_BYTES: usize = 4 << 20;
 /// for `perf annotate`).
 pub const PROFILE_ENV: &str = "ACCRETE_WASM_PROFILE";
 
+/// The profiler [`PROFILE_ENV`] names, read once per sandbox: compiled guest code is otherwise
+/// anonymous memory to `perf` (BENCHMARKS.md).
+fn profiler_from_env() -> Option<ProfilingStrategy> {
+    match std::env::var(PROFILE_ENV).as_deref() {
+        Ok("perfmap") => Some(ProfilingStrategy::PerfMap),
+        Ok("jitdump") => Some(ProfilingStrategy::JitDump),
+        Ok(other) => {
+            tracing::warn!("{PROFILE_ENV}={other:?} is neither perfmap nor jitdump; ignored");
+            None
+        }
+        Err(_) => None,
+    }
+}
+
 fn engine_config(pool: Option<Pool>) -> Config {
     let mut config = guest_config();
-    // For `perf`: compiled guest code is otherwise anonymous memory to it (BENCHMARKS.md).
-    match std::env::var(PROFILE_ENV).as_deref() {
-        Ok("perfmap") => {
-            config.profiler(ProfilingStrategy::PerfMap);
-        }
-        Ok("jitdump") => {
-            config.profiler(ProfilingStrategy::JitDump);
-        }
-        Ok(other) => {
-            tracing::warn!("{PROFILE_ENV}={other:?} is neither perfmap nor jitdump; ignored")
-        }
-        Err(_) => {}
-    }
     // The meter's own memory is a module's second; `guest_config` keeps guests to one.
     config.wasm_multi_memory(true);
     if let Some(Pool {
