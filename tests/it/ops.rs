@@ -1020,6 +1020,16 @@ async fn settings_come_from_flags_then_environment_then_file_and_plaintext_is_ex
         .spawn()
         .unwrap();
     wait_up(&format!("http://{grpc}")).await;
+    // The gRPC socket accepts as soon as it is bound, before the server binds its metrics
+    // listener: wait for the one that should be there before asking about the one that should not.
+    let start = Instant::now();
+    while tokio::net::TcpStream::connect(env_metrics).await.is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no metrics at {env_metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert!(
         tokio::net::TcpStream::connect(file_metrics).await.is_err(),
         "the environment's metrics address wins over the file's"
